@@ -1,0 +1,322 @@
+"""One training config for both backends: YAML file + CLI flags, validated up front.
+
+Key names follow mlx-lm's `lora` YAML where one exists, so an mlx-lm config runs here
+unchanged (its `scale` included).  Every problem is a `UserError` naming the file, the key
+and what to write instead; unknown keys get the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from mlxft.errors import UserError
+
+SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+FINE_TUNE_TYPES = ("lora", "dora", "full")
+BACKENDS = ("mlx", "torch")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+LORA_KEYS = ("rank", "alpha", "scale", "dropout", "keys")
+SCHEDULE_KEYS = ("name", "warmup", "warmup_ratio", "min_lr_ratio", "warmup_init")
+# mlx-lm writes e.g. `name: cosine_decay`; accept its names.
+_SCHEDULE_ALIASES = {"cosine_decay": "cosine", "linear_schedule": "linear", "none": "constant"}
+
+
+@dataclass
+class Config:
+    # what to train, on what
+    model: Optional[str] = None
+    data: Optional[str] = None
+    train: bool = False
+    test: bool = False
+    backend: str = "mlx"
+    device: Optional[str] = None  # torch only: mps | cuda | cpu
+    dtype: str = "auto"
+    fine_tune_type: str = "lora"
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    quantize: Optional[int] = None  # QLoRA: quantize the base on load (4 or 8 bits)
+    q_group_size: int = 64
+    # data
+    max_seq_length: int = 2048
+    mask_prompt: bool = False
+    valid_split: float = 0.1
+    prompt_template: Optional[str] = None
+    completion_template: Optional[str] = None
+    chat_template: Optional[str] = None
+    use_chat_template: str = "auto"  # auto | true | false (prompt/completion records)
+    # schedule of work
+    iters: Optional[int] = None
+    epochs: Optional[int] = None
+    batch_size: int = 4
+    grad_accumulation_steps: int = 1
+    grad_checkpoint: bool = False
+    # optimisation
+    learning_rate: float = 1e-5
+    lr_schedule: Any = "constant"
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    optimizer_config: dict = field(default_factory=dict)
+    grad_clip: Optional[float] = None
+    # adapters
+    num_layers: int = 16
+    lora_parameters: dict = field(default_factory=dict)
+    # reporting, evaluation, files
+    steps_per_report: int = 10
+    steps_per_eval: int = 200
+    val_batches: int = 25
+    test_batches: int = 500
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    adapter_path: str = "adapters"
+    resume_adapter_file: Optional[str] = None
+    resume: bool = False
+    resume_from: Optional[str] = None
+    seed: int = 0
+
+    # -------- derived views (backend code reads these, never the raw dicts) --------
+    @property
+    def lora_rank(self) -> int:
+        return int(self.lora_parameters["rank"])
+
+    @property
+    def lora_scale(self) -> float:
+        return float(self.lora_parameters["scale"])
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.lora_scale * self.lora_rank
+
+    @property
+    def lora_dropout(self) -> float:
+        return float(self.lora_parameters["dropout"])
+
+    @property
+    def lora_keys(self) -> Optional[list]:
+        return self.lora_parameters.get("keys")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_PATH_KEYS = ("model", "data", "adapter_path", "resume_adapter_file", "resume_from", "chat_template")
+_BOOL_KEYS = {n for n, f in FIELDS.items() if f.type in ("bool",)}
+_INT_KEYS = {n for n, f in FIELDS.items() if f.type in ("int", "Optional[int]")}
+_FLOAT_KEYS = {n for n, f in FIELDS.items() if f.type in ("float", "Optional[float]")}
+_STR_KEYS = {n for n, f in FIELDS.items() if f.type in ("str", "Optional[str]")}
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads `1e-5` as a string (YAML 1.1); read it as a float, as mlx-lm does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _closest(key: str, options) -> str:
+    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f"did you mean '{match[0]}'?" if match else "valid keys: " + ", ".join(sorted(options))
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.MarkedYAMLError as err:
+        line = err.problem_mark.line + 1 if err.problem_mark else "?"
+        raise UserError(f"{path}:{line}: invalid YAML: {err.problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def _check_type(key: str, value: Any, where: str) -> Any:
+    def bad(expected: str):
+        return UserError(f"{where}: key '{key}' must be {expected}, got {value!r}")
+
+    if value is None:
+        if FIELDS[key].type.startswith("Optional") or key in ("lr_schedule",):
+            return None
+        raise bad("set (not empty)")
+    if key in _BOOL_KEYS:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif key in _INT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad("a whole number")
+    elif key in _FLOAT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    elif key in _STR_KEYS:
+        if isinstance(value, (int, float)) and key in ("revision",):
+            return str(value)
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif key in ("lora_parameters", "optimizer_config"):
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+    return value
+
+
+def _normalize_schedule(value: Any, where: str) -> dict:
+    if value is None:
+        value = "constant"
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: key 'lr_schedule' must be one of {', '.join(SCHEDULES)} or a mapping")
+    for key in value:
+        if key not in SCHEDULE_KEYS and key != "arguments":
+            raise UserError(f"{where}: unknown key 'lr_schedule.{key}', {_closest(key, SCHEDULE_KEYS)}")
+    name = str(value.get("name", "constant"))
+    name = _SCHEDULE_ALIASES.get(name, name)
+    if name not in SCHEDULES:
+        raise UserError(f"{where}: lr_schedule.name '{name}' is not one of {', '.join(SCHEDULES)}")
+    out = {
+        "name": name,
+        "warmup": int(value.get("warmup", 0) or 0),
+        "warmup_ratio": float(value.get("warmup_ratio", 0.0) or 0.0),
+        "min_lr_ratio": float(value.get("min_lr_ratio", 0.0) or 0.0),
+        "warmup_init": float(value.get("warmup_init", 0.0) or 0.0),
+    }
+    if out["warmup"] < 0 or not 0 <= out["warmup_ratio"] < 1:
+        raise UserError(f"{where}: lr_schedule warmup must be >= 0 steps, warmup_ratio in [0, 1)")
+    return out
+
+
+def _normalize_lora(value: dict, where: str) -> dict:
+    for key in value:
+        if key not in LORA_KEYS:
+            raise UserError(f"{where}: unknown key 'lora_parameters.{key}', {_closest(key, LORA_KEYS)}")
+    rank = value.get("rank", 8)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise UserError(f"{where}: lora_parameters.rank must be a whole number > 0, got {rank!r}")
+    if value.get("alpha") is not None and value.get("scale") is not None:
+        raise UserError(f"{where}: set lora_parameters.alpha or lora_parameters.scale, not both (scale = alpha / rank)")
+    if value.get("scale") is not None:
+        scale = value["scale"]
+    else:
+        scale = (value["alpha"] if value.get("alpha") is not None else 2 * rank) / rank
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise UserError(f"{where}: lora_parameters.alpha/scale must be a number")
+    dropout = value.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise UserError(f"{where}: lora_parameters.dropout must be a number in [0, 1), got {dropout!r}")
+    keys = value.get("keys")
+    if keys is not None:
+        if isinstance(keys, str):
+            keys = [keys]
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+            raise UserError(f"{where}: lora_parameters.keys must be a list of module names, e.g. [q_proj, v_proj]")
+    return {"rank": rank, "scale": float(scale), "alpha": float(scale) * rank, "dropout": float(dropout), "keys": keys}
+
+
+def _expand(path: Optional[str]) -> Optional[str]:
+    if path is None:
+        return None
+    return os.path.expanduser(os.path.expandvars(path))
+
+
+def build_config(config_file: Optional[str] = None, overrides: Optional[dict] = None) -> Config:
+    """YAML values, then CLI overrides (a flag beats its key), then validation."""
+    raw: dict = {}
+    sources: dict = {}
+    if config_file:
+        where = str(config_file)
+        for key, value in read_yaml(config_file).items():
+            raw[key] = value
+            sources[key] = where
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = value
+            sources[key] = f"--{key.replace('_', '-')}"
+    values = {}
+    for key, value in raw.items():
+        where = sources[key]
+        if key not in FIELDS:
+            raise UserError(f"{where}: unknown key '{key}', {_closest(key, FIELDS)}")
+        values[key] = _check_type(key, value, where)
+    cfg = Config(**values)
+    where_of = lambda key: sources.get(key, "config")  # noqa: E731
+    cfg.lr_schedule = _normalize_schedule(cfg.lr_schedule, where_of("lr_schedule"))
+    cfg.lora_parameters = _normalize_lora(cfg.lora_parameters or {}, where_of("lora_parameters"))
+    for key in _PATH_KEYS:
+        setattr(cfg, key, _expand(getattr(cfg, key)))
+    _validate(cfg, where_of)
+    return cfg
+
+
+def _validate(cfg: Config, where_of) -> None:
+    def need(ok: bool, key: str, message: str):
+        if not ok:
+            raise UserError(f"{where_of(key)}: {message}")
+
+    need(cfg.backend in BACKENDS, "backend", f"backend must be one of {', '.join(BACKENDS)}, got '{cfg.backend}'")
+    need(cfg.fine_tune_type in FINE_TUNE_TYPES, "fine_tune_type",
+         f"fine_tune_type must be one of {', '.join(FINE_TUNE_TYPES)}, got '{cfg.fine_tune_type}'")
+    need(cfg.optimizer in OPTIMIZERS, "optimizer", f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{cfg.optimizer}'")
+    need(cfg.dtype in DTYPES, "dtype", f"dtype must be one of {', '.join(DTYPES)}, got '{cfg.dtype}'")
+    need(cfg.max_seq_length >= 2, "max_seq_length", f"max_seq_length must be at least 2, got {cfg.max_seq_length}")
+    need(cfg.batch_size >= 1, "batch_size", f"batch_size must be at least 1, got {cfg.batch_size}")
+    need(cfg.grad_accumulation_steps >= 1, "grad_accumulation_steps", "grad_accumulation_steps must be at least 1")
+    need(cfg.learning_rate > 0, "learning_rate", f"learning_rate must be > 0, got {cfg.learning_rate}")
+    need(cfg.weight_decay >= 0, "weight_decay", "weight_decay must be >= 0")
+    need(cfg.iters is None or cfg.iters >= 1, "iters", "iters must be at least 1")
+    need(cfg.epochs is None or cfg.epochs >= 1, "epochs", "epochs must be at least 1")
+    need(cfg.num_layers == -1 or cfg.num_layers >= 1, "num_layers", "num_layers must be -1 (all) or at least 1")
+    need(0 < cfg.valid_split < 1, "valid_split", "valid_split must be between 0 and 1")
+    need(cfg.steps_per_report >= 1, "steps_per_report", "steps_per_report must be at least 1")
+    need(cfg.steps_per_eval >= 1, "steps_per_eval", "steps_per_eval must be at least 1")
+    need(cfg.save_every >= 1, "save_every", "save_every must be at least 1")
+    need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "keep_checkpoints must be at least 1")
+    need(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", "grad_clip must be > 0 (or unset)")
+    need(cfg.quantize in (None, 4, 8), "quantize", f"quantize must be 4 or 8 bits, got {cfg.quantize}")
+    need(cfg.use_chat_template in ("auto", "true", "false"), "use_chat_template", "use_chat_template must be auto, true or false")
+    need(cfg.val_batches == -1 or cfg.val_batches >= 1, "val_batches", "val_batches must be -1 (all) or at least 1")
+    need(cfg.test_batches == -1 or cfg.test_batches >= 1, "test_batches", "test_batches must be -1 (all) or at least 1")
+    if cfg.train or cfg.test:
+        need(cfg.model is not None, "model", "no model: pass --model PATH_OR_HUB_ID or set 'model' in the config")
+        need(cfg.data is not None, "data", "no data: pass --data DIR_OR_FILE or set 'data' in the config")
+
+
+def total_iters(cfg: Config, batches_per_epoch: int) -> int:
+    """`iters` wins; else `epochs` × optimizer steps per epoch; else 1000 (mlx-lm's default)."""
+    if cfg.iters is not None:
+        return cfg.iters
+    if cfg.epochs is not None:
+        return max(1, cfg.epochs * batches_per_epoch // cfg.grad_accumulation_steps)
+    return 1000
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """The resolved config, as YAML that `--config` reads back."""
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -246,8 +246,10 @@ def _expand(path: Optional[str]) -> Optional[str]:
     return os.path.expanduser(os.path.expandvars(path))
 
 
-def build_config(config_file: Optional[str] = None, overrides: Optional[dict] = None) -> Config:
-    """YAML values, then CLI overrides (a flag beats its key), then validation."""
+def build_config(config_file: Optional[str] = None, overrides: Optional[dict] = None,
+                 lora_overrides: Optional[dict] = None) -> Config:
+    """YAML values, then CLI overrides (a flag beats its key), then validation.
+    `lora_overrides` (--rank/--alpha/--dropout/--lora-keys) merge into `lora_parameters`."""
     raw: dict = {}
     sources: dict = {}
     if config_file:
@@ -259,6 +261,13 @@ def build_config(config_file: Optional[str] = None, overrides: Optional[dict] = 
         if value is not None:
             raw[key] = value
             sources[key] = f"--{key.replace('_', '-')}"
+    if lora_overrides:
+        merged = dict(raw.get("lora_parameters") or {})
+        if "alpha" in lora_overrides:
+            merged.pop("scale", None)
+        merged.update(lora_overrides)
+        raw["lora_parameters"] = merged
+        sources.setdefault("lora_parameters", "command line")
     values = {}
     for key, value in raw.items():
         where = sources[key]

@@ -1,0 +1,93 @@
+"""Adapter directories in PEFT's layout, so `peft.PeftModel.from_pretrained` loads them as is.
+
+adapter_model.safetensors holds `base_model.model.<module>.lora_A.weight` (r, in) and
+`lora_B.weight` (out, r); adapter_config.json carries `r`, `lora_alpha = scale * r`,
+`target_modules` and `layers_to_transform` for partial depth.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mlxft.errors import UserError
+from mlxft.fileio import save_safetensors, write_json
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def peft_key(path: str, name: str) -> str:
+    """`lora_A` -> base_model.model.<path>.lora_A.weight; DoRA's magnitude has no `.weight`."""
+    if name == "lora_magnitude_vector":
+        return f"{PREFIX}{path}.lora_magnitude_vector"
+    return f"{PREFIX}{path}.{name}.weight"
+
+
+def split_key(key: str) -> tuple:
+    """Inverse of `peft_key`: (module path, lora_A | lora_B | lora_magnitude_vector)."""
+    body = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    if body.endswith(".weight"):
+        body = body[: -len(".weight")]
+    path, name = body.rsplit(".", 1)
+    return path, name
+
+
+def adapter_config(plan, base_model: str) -> dict:
+    partial = plan.layers != list(range(plan.num_blocks))
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": plan.rank,
+        "lora_alpha": plan.scale * plan.rank,
+        "lora_dropout": plan.dropout,
+        "target_modules": plan.module_names,
+        "layers_to_transform": plan.layers if partial else None,
+        "layers_pattern": "layers" if partial else None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": plan.kind == "dora",
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def save_adapter(out_dir: Path, weights: dict, config: dict) -> None:
+    """weights: {peft key: np.ndarray}. Each file is written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in weights.items()}
+    save_safetensors(out_dir / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    write_json(out_dir / CONFIG_NAME, config)
+
+
+def load_adapter(adapter_dir: Path) -> tuple:
+    """(adapter_config, {peft key: np.ndarray}) from a PEFT-layout directory, with clear errors."""
+    from safetensors.numpy import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / CONFIG_NAME
+    weights_path = adapter_dir / WEIGHTS_NAME
+    if not adapter_dir.is_dir():
+        raise UserError(f"{adapter_dir}: adapter directory not found")
+    if not config_path.is_file():
+        if (adapter_dir / "adapters.safetensors").is_file():
+            raise UserError(f"{adapter_dir}: this is an mlx-lm adapter; convert it with `mlxft import {adapter_dir}`")
+        raise UserError(f"{adapter_dir}: no {CONFIG_NAME}; is this an adapter directory?")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{config_path}: peft_type {config.get('peft_type')} is not supported (LORA only)")
+    if not weights_path.is_file():
+        if (adapter_dir / "adapter_model.bin").is_file():
+            raise UserError(f"{adapter_dir}: adapter_model.bin is a pickle; save it as safetensors (PEFT: safe_serialization=True)")
+        raise UserError(f"{adapter_dir}: no {WEIGHTS_NAME}")
+    return config, load_file(str(weights_path))

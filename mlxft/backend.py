@@ -1,0 +1,34 @@
+"""The small interface every backend implements, and how one is chosen.
+
+    load(model_path)                  weights in memory, frozen
+    linear_modules(), num_blocks()    what adapters can attach to
+    add_adapters(plan)                wrap the planned linears (plan comes from mlxft.adapters)
+    adapter_weights() / set_adapter_weights(d)   {PEFT key: np.ndarray}
+    setup_training(cfg)               optimizer, checkpointing, compiled step
+    train_step(batches, lr)           -> (loss sum, trained tokens, grad norm)
+    eval_loss(batches)                -> (loss sum, tokens)
+    logits(input_ids)                 float32 numpy
+    peak_memory_gb(), reset_peak_memory(), parameter_counts(), device, dtype
+
+Batches are `mlxft.data.Batch` (numpy); learning rates come from `mlxft.schedule`.
+"""
+
+from __future__ import annotations
+
+from mlxft.errors import UserError
+
+
+def get_backend(cfg):
+    if cfg.backend == "mlx":
+        from mlxft.mlx_backend import MLXBackend
+
+        return MLXBackend(cfg)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UserError("backend 'torch' needs PyTorch: pip install 'mlxft[torch]'") from None
+    try:
+        from torch_backend import TorchBackend
+    except ImportError as err:
+        raise UserError(f"backend 'torch' is unavailable: {err}") from None
+    return TorchBackend(cfg)

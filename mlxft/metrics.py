@@ -1,0 +1,77 @@
+"""Training reports: a line on the console and a JSON line in metrics.jsonl per report.
+
+metrics.jsonl is a public contract users plot from.  Every line has `step`, then
+`train_loss` or `val_loss` (or `test_loss`), and `learning_rate`, `tokens_per_second`,
+`iterations_per_second`, `trained_tokens`, `peak_memory_gb`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+
+
+class Reporter:
+    def __init__(self, path: Path | None, total_steps: int, quiet: bool = False):
+        self.path = Path(path) if path else None
+        self.total = total_steps
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty() and not quiet
+        self._handle = None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(self.path, "a", buffering=1)
+
+    def _write(self, record: dict) -> None:
+        if self._handle:
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
+
+    def echo(self, text: str) -> None:
+        if not self.quiet:
+            self.clear_progress()
+            click.echo(text)
+
+    def progress(self, step: int) -> None:
+        """A one-line progress bar on a terminal (never in logs or pipes)."""
+        if self.tty:
+            width = 30
+            filled = int(width * step / max(1, self.total))
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total}")
+            sys.stderr.flush()
+
+    def clear_progress(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+
+    def train(self, step: int, loss: float, lr: float, its: float, tps: float, trained: int, peak: float, grad_norm: float):
+        self._write({
+            "step": step, "train_loss": loss, "learning_rate": lr, "tokens_per_second": tps,
+            "iterations_per_second": its, "trained_tokens": trained, "peak_memory_gb": peak, "grad_norm": grad_norm,
+        })
+        self.echo(
+            f"Iter {step}: train loss {loss:.3f}, lr {lr:.3e}, it/s {its:.2f}, tok/s {tps:.0f}, "
+            f"trained tokens {trained}, peak mem {peak:.3f} GB"
+        )
+
+    def evaluation(self, step: int, kind: str, loss: float, tokens: int, seconds: float, lr: float, its: float,
+                   tps: float, trained: int, peak: float):
+        record = {"step": step, f"{kind}_loss": loss, f"{kind}_perplexity": _ppl(loss), f"{kind}_tokens": tokens,
+                  f"{kind}_seconds": seconds, "learning_rate": lr, "tokens_per_second": tps,
+                  "iterations_per_second": its, "trained_tokens": trained, "peak_memory_gb": peak}
+        self._write(record)
+        name = {"val": "Val", "test": "Test"}[kind]
+        self.echo(f"Iter {step}: {name} loss {loss:.3f}, {name} ppl {_ppl(loss):.3f}, {name} took {seconds:.2f}s")
+
+    def close(self) -> None:
+        self.clear_progress()
+        if self._handle:
+            self._handle.close()
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 700.0))

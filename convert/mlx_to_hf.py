@@ -1,0 +1,63 @@
+"""MLX directory -> HF directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+The model is rebuilt with mlx-lm (so quantized layers come back as QuantizedLinear /
+QuantizedEmbedding) and de-quantized with `mlx_lm.utils.dequantize_model`. For llama,
+qwen2, mistral (mlx-lm's llama) and phi3, mlx-lm's parameter names are transformers'
+names; what `sanitize` drops is either a non-persistent buffer (`rotary_emb.inv_freq`)
+or the tied `lm_head.weight`, which transformers re-ties from `tie_word_embeddings`.
+`save_hf_dir(verify=True)` checks that claim per model before the directory appears.
+"""
+
+from __future__ import annotations
+
+import mlxft  # noqa: F401  (OpenBLAS before mlx.core, even if convert/__init__ was bypassed)
+from pathlib import Path
+from typing import Optional
+
+from mlx.utils import tree_flatten
+
+from convert.files import check_destination, check_dtype, save_hf_dir
+from mlxft.errors import UserError
+from mlxft.models import check_model_dir, read_model_config
+
+
+def hf_config(config: dict) -> dict:
+    """Undo what the MLX side added: quantization keys and the top-level rope keys
+    `read_model_config` copies out of transformers-5 `rope_parameters`."""
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict):
+        if "rope_theta" in rope and config.get("rope_theta") == rope["rope_theta"]:
+            config.pop("rope_theta")
+        if config.get("rope_scaling") == {k: v for k, v in rope.items() if k != "rope_theta"}:
+            config.pop("rope_scaling")
+    return config
+
+
+def load_mlx_weights(mlx_path: Path) -> tuple[dict, dict]:
+    """(HF-named de-quantized weights, config) of an MLX model directory."""
+    from mlx_lm.utils import dequantize_model, load_model
+
+    config = read_model_config(mlx_path)
+    try:
+        model, _ = load_model(mlx_path, lazy=True, model_config=config)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(f"{mlx_path}: mlx-lm cannot load this model ({str(err).splitlines()[0]})") from None
+    if "quantization" in config:
+        model = dequantize_model(model)
+    return dict(tree_flatten(model.parameters())), config
+
+
+def to_hf(mlx_path, hf_path, dtype: Optional[str] = None, overwrite: bool = False) -> Path:
+    """Convert an MLX directory (quantized or not) to a HF directory; returns the output path.
+
+    Quantized weights come back in their scales' dtype unless `dtype` says otherwise.
+    """
+    check_dtype(dtype)
+    check_destination(Path(hf_path), overwrite)
+    src = Path(mlx_path).expanduser()
+    if not src.is_dir():
+        raise UserError(f"{src}: MLX model directory not found")
+    check_model_dir(src)
+    weights, config = load_mlx_weights(src)
+    return save_hf_dir(weights, hf_config(config), src, Path(hf_path), overwrite=overwrite, dtype=dtype)

@@ -27,10 +27,21 @@ def user_errors(fn):
     return wrapper
 
 
+def _one_line_warnings() -> None:
+    """Warnings (e.g. the chat-template fallback) as `Warning: ...` lines, not source dumps."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        click.echo(f"Warning: {message}", err=True)
+
+    warnings.showwarning = show
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlxft")
 def main():
     """MLX-native fine-tuning for causal language models (LoRA, QLoRA, DoRA, full)."""
+    _one_line_warnings()
 
 
 @main.command()

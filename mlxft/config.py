@@ -241,8 +241,8 @@ def _normalize_lora(value: dict, where: str) -> dict:
 
 
 def _expand(path: Optional[str]) -> Optional[str]:
-    if path is None:
-        return None
+    if path is None or "{{" in path or "{%" in path:  # an inline jinja template, not a path
+        return None if path is None else path
     return os.path.expanduser(os.path.expandvars(path))
 
 

@@ -1,0 +1,79 @@
+"""Length-sorted, padded numpy batches, shared by the MLX and the PyTorch trainer.
+
+Sorting by length before chunking keeps padding (wasted compute) low; shuffling the *order*
+of batches with a generator seeded by (seed, epoch) keeps training stochastic yet makes the
+batch list a pure function of its arguments, so a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Batch:
+    inputs: np.ndarray   # (B, T) int32 = tokens[:, :-1], padded
+    targets: np.ndarray  # (B, T) int32 = tokens[:, 1:], padded
+    mask: np.ndarray     # (B, T) float32, 1.0 where targets[b, t] is trained
+    lengths: np.ndarray  # (B,) int32 token count of each example before padding
+
+    @property
+    def ntokens(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def real_tokens(self) -> int:
+        """Positions whose input and target are both real tokens: len - 1 per example."""
+        return int(np.sum(self.lengths - 1))
+
+
+def make_batch(sequences, masks, pad_id: int) -> Batch:
+    """Pad to this batch's own longest example; padded positions are never targets."""
+    lengths = np.array([len(s) for s in sequences], dtype=np.int32)
+    width = int(lengths.max())
+    tokens = np.full((len(sequences), width), pad_id, dtype=np.int32)
+    target = np.zeros((len(sequences), width), dtype=bool)
+    for row, (seq, m) in enumerate(zip(sequences, masks)):
+        tokens[row, : len(seq)] = seq
+        target[row, : len(seq)] = m
+    return Batch(tokens[:, :-1], tokens[:, 1:], target[:, 1:].astype(np.float32), lengths)
+
+
+def _chunks(split, batch_size: int) -> list[np.ndarray]:
+    lengths = np.array([len(s) for s in split.sequences])
+    order = np.argsort(lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _build(split, chunks, pad_id) -> list:
+    return [make_batch([split.sequences[i] for i in c], [split.masks[i] for i in c], pad_id) for c in chunks]
+
+
+def epoch_batches(split, batch_size: int, *, seed: int, epoch: int, pad_id: int, shuffle: bool = True) -> list:
+    """All batches of one epoch: sorted by length, chunked, batch order permuted by (seed, epoch)."""
+    chunks = _chunks(split, batch_size)
+    if shuffle:
+        perm = np.random.default_rng((seed, epoch)).permutation(len(chunks))
+        chunks = [chunks[i] for i in perm]
+    return _build(split, chunks, pad_id)
+
+
+def eval_batches(split, batch_size: int, pad_id: int, limit: int = -1) -> list:
+    """Sorted, unshuffled batches; with a `limit`, that many spread evenly over the length range.
+
+    Taking the *first* `limit` sorted batches would evaluate only the shortest examples and
+    bias the validation loss low; evenly spaced batches keep it representative and fixed.
+    """
+    chunks = _chunks(split, batch_size)
+    if 0 <= limit < len(chunks):
+        picks = ((np.arange(limit) + 0.5) * len(chunks) / limit).astype(int)  # centres of equal strata
+        chunks = [chunks[i] for i in picks]
+    return _build(split, chunks, pad_id)
+
+
+def padding_fraction(batches) -> float:
+    """Share of padded positions among all B*T input positions."""
+    total = sum(b.inputs.size for b in batches)
+    return 0.0 if total == 0 else 1.0 - sum(b.real_tokens for b in batches) / total

@@ -146,5 +146,4 @@ def lora(**kw):
 # --- subcommands registered by feature modules (one line each) ---
 from convert.cli import convert as _convert; main.add_command(_convert)  # noqa: E402
 from mlxft.bench_cli import bench_command as _bench; main.add_command(_bench)  # noqa: E402
-
 from mlxft.commands import COMMANDS as _issue3; [main.add_command(_c) for _c in _issue3]  # noqa: E402  generate chat fuse export import

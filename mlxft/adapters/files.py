@@ -2,7 +2,11 @@
 
 adapter_model.safetensors holds `base_model.model.<module>.lora_A.weight` (r, in) and
 `lora_B.weight` (out, r); adapter_config.json carries `r`, `lora_alpha = scale * r`,
-`target_modules` and `layers_to_transform` for partial depth.
+`target_modules` and `layers_to_transform` for partial depth.  DoRA adds
+`base_model.model.<module>.lora_magnitude_vector` (out,) and `use_dora: true`, as PEFT saves them.
+
+A full fine-tune (`fine_tune_type: full`) has no adapter: its `adapter_path` holds a whole
+Hugging Face model directory instead (`save_full_model`).
 """
 
 from __future__ import annotations
@@ -67,6 +71,35 @@ def save_adapter(out_dir: Path, weights: dict, config: dict) -> None:
     write_json(out_dir / CONFIG_NAME, config)
 
 
+def save_full_model(out_dir: Path, weights: dict, model_path: Path, dtype: str) -> None:
+    """Write a full fine-tune into `out_dir` as a Hugging Face model directory (config.json from
+    the base, safetensors in the training `dtype`, tokenizer files) that transformers and `--model` load.
+
+    `out_dir` also holds the run's metrics and checkpoints, so the model is staged in a
+    sub-directory by `convert.save_hf_dir` (which checks the names against transformers) and
+    its files are then moved in one by one, each replace atomic; shards of an earlier save
+    that the new one does not have are removed."""
+    import os
+    import shutil
+
+    from convert import save_hf_dir
+    from convert.mlx_to_hf import hf_config
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / ".model-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    config = hf_config(json.loads((Path(model_path) / "config.json").read_text()))
+    save_hf_dir(weights, config, Path(model_path), staging, dtype=dtype)
+    new = {f.name for f in staging.iterdir()}
+    for old in out_dir.glob("model*.safetensors*"):
+        if old.name not in new:
+            old.unlink()
+    for f in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):  # config last: it marks a model dir
+        os.replace(f, out_dir / f.name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def load_adapter(adapter_dir: Path) -> tuple:
     """(adapter_config, {peft key: np.ndarray}) from a PEFT-layout directory, with clear errors."""
     from safetensors.numpy import load_file
@@ -79,6 +112,9 @@ def load_adapter(adapter_dir: Path) -> tuple:
     if not config_path.is_file():
         if (adapter_dir / "adapters.safetensors").is_file():
             raise UserError(f"{adapter_dir}: this is an mlx-lm adapter; convert it with `mlxft import {adapter_dir}`")
+        if (adapter_dir / "config.json").is_file():
+            raise UserError(f"{adapter_dir}: holds a full model (fine_tune_type full), not an adapter; "
+                            f"load it with --model {adapter_dir}")
         raise UserError(f"{adapter_dir}: no {CONFIG_NAME}; is this an adapter directory?")
     try:
         config = json.loads(config_path.read_text())

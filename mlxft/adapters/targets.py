@@ -59,6 +59,16 @@ def select_layers(num_blocks: int, num_layers: int) -> list:
     return list(range(num_blocks - num_layers, num_blocks))
 
 
+def full_layers(num_blocks: int, num_layers: int) -> tuple:
+    """Full fine-tuning: (blocks whose weights train, whether everything else trains too).
+
+    All blocks (num_layers -1 or >= the depth) trains the whole model, embeddings, final norm
+    and lm_head included; a partial depth trains only the last blocks, so the embeddings
+    (often tied to lm_head) stay as the base model has them."""
+    layers = select_layers(num_blocks, num_layers)
+    return layers, len(layers) == num_blocks
+
+
 def init_lora(path: str, in_features: int, out_features: int, rank: int, seed: int):
     """A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform with a=sqrt(5)), B = 0.
 
@@ -103,4 +113,62 @@ def plan_adapters(linears: list, num_blocks: int, cfg) -> AdapterPlan:
     )
     for t in chosen:
         plan.init[t.path] = init_lora(t.path, t.in_features, t.out_features, plan.rank, cfg.seed)
+    return plan
+
+
+def plan_from_adapter(linears: list, num_blocks: int, adapter_config: dict, weights: dict) -> AdapterPlan:
+    """The plan that reproduces a saved adapter on this model: targets from the weight keys,
+    rank from the shapes, scale = lora_alpha / r (/ sqrt(r) for rsLoRA); init = the saved weights.
+
+    Every mismatch names the first module that does not fit, so a wrong `--model` or a
+    truncated file is one readable line instead of a shape error deep in a matmul."""
+    from mlxft.adapters.files import split_key
+
+    by_path = {info.path: info for info in linears}
+    pairs: dict = {}
+    for key in sorted(weights):
+        path, name = split_key(key)
+        if name not in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            raise UserError(f"adapter tensor {key}: {name} is not supported (LoRA/DoRA linear adapters only)")
+        pairs.setdefault(path, {})[name] = np.asarray(weights[key], dtype=np.float32)
+    if not pairs:
+        raise UserError("the adapter has no weights")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if adapter_config.get(key):
+            raise UserError(f"adapter_config.json: {key} (per-module ranks) is not supported")
+    rank = None
+    for path, found in pairs.items():
+        if "lora_A" not in found or "lora_B" not in found:
+            missing = "lora_A" if "lora_A" not in found else "lora_B"
+            raise UserError(f"adapter module {path} has no {missing} weight; the adapter file is incomplete")
+        info = by_path.get(path)
+        if info is None:
+            names = sorted({p.split(f".{block_index(p)}.", 1)[-1] for p in by_path})
+            raise UserError(f"adapter module {path} is not a linear module of this model (it has: {', '.join(names)}); "
+                            "was the adapter trained on a different base model?")
+        r = found["lora_A"].shape[0]
+        rank = r if rank is None else rank
+        expected = {"lora_A": (rank, info.in_features), "lora_B": (info.out_features, rank),
+                    "lora_magnitude_vector": (info.out_features,)}
+        for name, value in found.items():
+            if tuple(value.shape) != expected[name]:
+                raise UserError(f"adapter module {path} {name} has shape {tuple(value.shape)}, "
+                                f"the model expects {expected[name]}")
+    r = int(adapter_config.get("r", rank))
+    if r != rank:
+        raise UserError(f"adapter_config.json: r = {r}, but the weights have rank {rank}")
+    alpha = float(adapter_config.get("lora_alpha", r))
+    scale = alpha / np.sqrt(r) if adapter_config.get("use_rslora") else alpha / r
+    targets = sorted((by_path[p] for p in pairs), key=lambda i: (block_index(i.path), i.path))
+    plan = AdapterPlan(
+        kind="dora" if adapter_config.get("use_dora") else "lora",
+        rank=rank,
+        scale=float(scale),
+        dropout=float(adapter_config.get("lora_dropout") or 0.0),
+        targets=targets,
+        layers=sorted({block_index(t.path) for t in targets}),
+        num_blocks=num_blocks,
+    )
+    for path, found in pairs.items():
+        plan.init[path] = (found["lora_A"], found["lora_B"])
     return plan

@@ -16,8 +16,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxft.adapters.files import peft_key, split_key
-from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index
+from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
 from mlxft.errors import UserError
+from mlxft.mlx_backend.dora import DoRALinear
 from mlxft.mlx_backend.lora import LoRALinear, linear_shape
 from mlxft.models import read_model_config
 
@@ -108,10 +109,28 @@ class MLXBackend:
         if self.cfg.quantize:
             from mlx_lm.utils import quantize_model
 
+            if self.quantized:
+                bits = self.config.get("quantization", {}).get("bits", "?")
+                raise UserError(f"{model_path}: already quantized ({bits} bits); drop quantize/--quantize "
+                                "(QLoRA trains on it as it is)")
+
             self.model, self.config = quantize_model(
                 self.model, self.config, group_size=self.cfg.q_group_size, bits=self.cfg.quantize
             )
         self.model.freeze()
+        if self.cfg.fine_tune_type == "full":
+            self._unfreeze_full()
+
+    def _unfreeze_full(self) -> None:
+        """Full fine-tuning: make the planned blocks (or the whole model) trainable."""
+        if self.quantized:
+            raise UserError(f"{self.cfg.model}: fine_tune_type full trains the weights themselves, which a quantized "
+                            "model cannot; use a full-precision model, or fine_tune_type lora/dora (QLoRA)")
+        layers, everything = full_layers(self.num_blocks(), self.cfg.num_layers)
+        if everything:
+            self.model.unfreeze()
+        for i in layers:
+            self.model.layers[i].unfreeze()
 
     @property
     def dtype(self) -> str:
@@ -141,7 +160,8 @@ class MLXBackend:
         wrapped = []
         for target in plan.targets:
             a, b = plan.init[target.path]
-            wrapped.append((target.path, LoRALinear(modules[target.path], a, b, plan.scale, plan.dropout)))
+            layer = DoRALinear if plan.kind == "dora" else LoRALinear
+            wrapped.append((target.path, layer(modules[target.path], a, b, plan.scale, plan.dropout)))
         self.model.update_modules(tree_unflatten(wrapped))
         self.plan = plan
 
@@ -153,7 +173,13 @@ class MLXBackend:
         for path, layer in self._lora_layers():
             weights[peft_key(path, "lora_A")] = np.array(layer.lora_A)
             weights[peft_key(path, "lora_B")] = np.array(layer.lora_B)
+            if isinstance(layer, DoRALinear):
+                weights[peft_key(path, "lora_magnitude_vector")] = np.array(layer.lora_magnitude_vector)
         return weights
+
+    def model_weights(self) -> dict:
+        """Every weight under its Hugging Face name (mlx-lm keeps them), for saving a full fine-tune."""
+        return dict(tree_flatten(self.model.parameters()))
 
     def set_adapter_weights(self, weights: dict) -> None:
         layers = dict(self._lora_layers())
@@ -161,6 +187,10 @@ class MLXBackend:
             path, name = split_key(key)
             if path not in layers:
                 raise UserError(f"adapter has weights for module '{path}', which this model has no adapter slot for")
+            if name not in layers[path]:
+                kind = "DoRA" if name == "lora_magnitude_vector" else name
+                raise UserError(f"adapter has {kind} weights for module '{path}', which this run's "
+                                f"{self.plan.kind.upper()} layers do not have; set fine_tune_type to match the adapter")
             current = getattr(layers[path], name)
             if tuple(current.shape) != tuple(value.shape):
                 raise UserError(
@@ -253,6 +283,18 @@ class MLXBackend:
         self.model.eval()
         out = self.model(mx.array(input_ids)).astype(mx.float32)
         return np.array(out)
+
+    def start_generation(self, prompt_ids: list) -> np.ndarray:
+        """New KV cache, prefill `prompt_ids`; float32 logits of the last position, (vocab,)."""
+        from mlxft.mlx_backend.generate import KVGeneration
+
+        self.model.eval()
+        self._generation = KVGeneration(self.model)
+        return self._generation.start(prompt_ids)
+
+    def next_logits(self, token_id: int) -> np.ndarray:
+        """Feed one generated token through the cache; logits for the next position."""
+        return self._generation.step(token_id)
 
     def peak_memory_gb(self) -> float:
         return mx.get_peak_memory() / 1e9

@@ -1,0 +1,187 @@
+"""Adapters in mlx-lm's layout, to and from ours (PEFT's).
+
+mlx-lm:  adapters.safetensors with `<module>.lora_a` (in, r) and `<module>.lora_b` (r, out)
+         (DoRA adds `<module>.m`), adapter_config.json with `fine_tune_type`, `num_layers`
+         (the LAST N blocks; -1 = all) and `lora_parameters` {rank, scale, dropout, keys}
+         where keys are block-relative paths such as `self_attn.q_proj`.
+PEFT:    adapter_model.safetensors with `base_model.model.<module>.lora_A.weight` (r, in),
+         `lora_B.weight` (out, r), and `lora_alpha` = scale * r.
+Both name modules by the same (Hugging Face) paths, so converting is a transpose per tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from mlxft.adapters.files import (CONFIG_NAME, WEIGHTS_NAME, adapter_config, load_adapter, peft_key, save_adapter,
+                                  split_key)
+from mlxft.adapters.targets import LinearInfo, block_index, plan_from_adapter
+from mlxft.errors import UserError
+
+MLX_WEIGHTS = "adapters.safetensors"
+_TO_MLX = {"lora_A": "lora_a", "lora_B": "lora_b", "lora_magnitude_vector": "m"}
+_FROM_MLX = {v: k for k, v in _TO_MLX.items()}
+
+
+def is_mlx_lm_adapter(path: Path) -> bool:
+    return (Path(path) / MLX_WEIGHTS).is_file()
+
+
+def refuse_mlx_lm(path: Path) -> None:
+    """Where a PEFT-layout adapter is expected, an mlx-lm one gets the command that converts it."""
+    if is_mlx_lm_adapter(path) and not (Path(path) / WEIGHTS_NAME).is_file():
+        raise UserError(f"{path}: this is an mlx-lm adapter ({MLX_WEIGHTS}); convert it first with "
+                        f"`mlxft import {path} --save-path DIR` and pass DIR")
+
+
+def _linears_from_weights(weights: dict) -> list:
+    """LinearInfo per adapted module, read off the tensor shapes (when no model is at hand)."""
+    shapes = {}
+    for key, value in weights.items():
+        path, name = split_key(key)
+        if name == "lora_A":
+            shapes.setdefault(path, [0, 0])[0] = value.shape[1]
+        elif name == "lora_B":
+            shapes.setdefault(path, [0, 0])[1] = value.shape[0]
+    return [LinearInfo(p, fin, fout) for p, (fin, fout) in shapes.items()]
+
+
+def model_num_blocks(model: Optional[str]) -> Optional[int]:
+    """Transformer blocks of `model` (a directory or hub id), None when it cannot be found locally."""
+    if not model:
+        return None
+    from mlxft.models import read_model_config, resolve_model
+
+    try:
+        config = read_model_config(resolve_model(model))
+    except UserError:
+        return None
+    value = config.get("num_hidden_layers", config.get("n_layer"))
+    return int(value) if value else None
+
+
+def _peft_config(plan, base_model: str, partial: bool) -> dict:
+    config = adapter_config(plan, base_model)
+    if partial:
+        config["layers_to_transform"], config["layers_pattern"] = plan.layers, "layers"
+    return config
+
+
+# ---------------------------------------------------------------------------- PEFT -> mlx-lm
+def to_mlx_lm(config: dict, weights: dict, num_blocks: Optional[int]) -> tuple:
+    """(mlx-lm adapter_config, {mlx-lm key: array}) for a PEFT adapter."""
+    plan = plan_from_adapter(_linears_from_weights(weights), num_blocks or 0, config, weights)
+    first = plan.layers[0]
+    if first == 0:
+        num_layers = -1
+    elif num_blocks is None:
+        raise UserError(f"the adapter starts at block {first}, and mlx-lm counts adapted blocks from the end: "
+                        "pass --model BASE so the number of blocks is known")
+    else:
+        num_layers = num_blocks - first
+    keys = sorted({t.path.split(f"layers.{block_index(t.path)}.", 1)[1] for t in plan.targets})
+    mlx_config = {
+        "model": config.get("base_model_name_or_path"),
+        "fine_tune_type": plan.kind,
+        "num_layers": num_layers,
+        "lora_parameters": {"rank": plan.rank, "scale": plan.scale, "dropout": plan.dropout, "keys": keys},
+    }
+    mlx_weights = {}
+    for key, value in weights.items():
+        path, name = split_key(key)
+        value = np.asarray(value, dtype=np.float32)
+        mlx_weights[f"{path}.{_TO_MLX[name]}"] = np.ascontiguousarray(value.T if value.ndim == 2 else value)
+    return mlx_config, mlx_weights
+
+
+# ---------------------------------------------------------------------------- mlx-lm -> PEFT
+def from_mlx_lm(mlx_config: dict, mlx_weights: dict, num_blocks: Optional[int], where: str = "adapter") -> tuple:
+    """(PEFT adapter_config, {PEFT key: array}) for an mlx-lm adapter."""
+    kind = mlx_config.get("fine_tune_type", "lora")
+    if kind == "full":
+        raise UserError(f"{where}: a full fine-tune (fine_tune_type: full) holds model weights, not an adapter; "
+                        "load it as a model instead")
+    params = mlx_config.get("lora_parameters")
+    if not isinstance(params, dict) or "scale" not in params:
+        raise UserError(f"{where}: adapter_config.json has no lora_parameters.scale; is this an mlx-lm adapter?")
+    weights = {}
+    for key, value in mlx_weights.items():
+        path, name = key.rsplit(".", 1)
+        if name not in _FROM_MLX:
+            raise UserError(f"{where}: tensor {key} is not a LoRA/DoRA weight (lora_a, lora_b, m)")
+        value = np.asarray(value, dtype=np.float32)
+        weights[peft_key(path, _FROM_MLX[name])] = np.ascontiguousarray(value.T if value.ndim == 2 else value)
+    rank = next(v.shape[0] for k, v in weights.items() if k.endswith("lora_A.weight"))
+    peft_like = {"r": rank, "lora_alpha": float(params["scale"]) * rank, "lora_dropout": params.get("dropout", 0.0),
+                 "use_dora": kind == "dora"}
+    layers = sorted({block_index(split_key(k)[0]) for k in weights})
+    plan = plan_from_adapter(_linears_from_weights(weights), num_blocks or layers[-1] + 1, peft_like, weights)
+    base = mlx_config.get("model") or ""
+    return _peft_config(plan, base, partial=layers[0] > 0 and num_blocks is None), weights
+
+
+# ---------------------------------------------------------------------------- directories
+def _write(save_path: Path, write) -> Path:
+    from convert.files import atomic_output_dir
+
+    with atomic_output_dir(Path(save_path)) as tmp:
+        write(tmp)
+    return Path(save_path)
+
+
+def export_adapter(adapter_path, save_path, model: Optional[str] = None) -> Path:
+    """Our (PEFT-layout) adapter directory -> an mlx-lm adapter directory that `mlx_lm.load(adapter_path=)` reads."""
+    from mlxft.fileio import save_safetensors, write_json
+
+    refuse_mlx_lm(Path(adapter_path))
+    config, weights = load_adapter(Path(adapter_path))
+    num_blocks = model_num_blocks(model or config.get("base_model_name_or_path"))
+    mlx_config, mlx_weights = to_mlx_lm(config, weights, num_blocks)
+
+    def write(tmp: Path) -> None:
+        save_safetensors(tmp / MLX_WEIGHTS, mlx_weights, metadata={"format": "mlx"})
+        write_json(tmp / CONFIG_NAME, mlx_config)
+
+    return _write(save_path, write)
+
+
+def read_mlx_lm(src: Path) -> tuple:
+    from safetensors.numpy import load_file
+
+    config_path = src / CONFIG_NAME
+    if not config_path.is_file():
+        raise UserError(f"{src}: has {MLX_WEIGHTS} but no {CONFIG_NAME}; mlx-lm writes both")
+    try:
+        return json.loads(config_path.read_text()), load_file(str(src / MLX_WEIGHTS))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_path}:{err.lineno}: invalid JSON ({err.msg})") from None
+
+
+def import_adapter(src, save_path, model: Optional[str] = None) -> Path:
+    """An mlx-lm or PEFT adapter directory -> our PEFT-layout directory (float32, normalised config)."""
+    src = Path(src).expanduser()
+    if not src.is_dir():
+        raise UserError(f"{src}: adapter directory not found")
+    if is_mlx_lm_adapter(src):
+        mlx_config, mlx_weights = read_mlx_lm(src)
+        num_blocks = model_num_blocks(model or mlx_config.get("model"))
+        config, weights = from_mlx_lm(mlx_config, mlx_weights, num_blocks, where=str(src))
+    else:
+        source_config, weights = load_adapter(src)
+        num_blocks = model_num_blocks(model or source_config.get("base_model_name_or_path"))
+        layers = sorted({block_index(split_key(k)[0]) for k in weights})
+        plan = plan_from_adapter(_linears_from_weights(weights), num_blocks or layers[-1] + 1, source_config, weights)
+        partial = num_blocks is None and bool(source_config.get("layers_to_transform"))
+        config = _peft_config(plan, source_config.get("base_model_name_or_path") or "", partial)
+    return _write(save_path, lambda tmp: save_adapter(tmp, weights, config))
+
+
+def upload(path: Path, repo_id: Optional[str]) -> None:
+    if repo_id:
+        from convert.cli import upload as push
+
+        push(path, repo_id)

@@ -1,0 +1,36 @@
+"""Incremental forward passes for generation: mlx-lm's KV cache, prompt prefilled in chunks.
+
+The backend only turns token ids into last-position logits; sampling, stopping and
+detokenizing live in `mlxft.generate`, shared with the torch backend.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+PREFILL_CHUNK = 512  # tokens per prefill pass: bounds the attention matrix for long prompts
+
+
+class KVGeneration:
+    """One sequence being generated: the model, its cache, and the last logits."""
+
+    def __init__(self, model):
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self.model = model
+        self.cache = make_prompt_cache(model)
+
+    def _forward(self, ids: list) -> mx.array:
+        return self.model(mx.array([ids]), cache=self.cache)[0, -1].astype(mx.float32)
+
+    def start(self, prompt_ids: list) -> np.ndarray:
+        ids = [int(t) for t in prompt_ids]
+        while len(ids) > PREFILL_CHUNK:
+            self.model(mx.array([ids[:PREFILL_CHUNK]]), cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+            ids = ids[PREFILL_CHUNK:]
+        return np.array(self._forward(ids))
+
+    def step(self, token_id: int) -> np.ndarray:
+        return np.array(self._forward([int(token_id)]))

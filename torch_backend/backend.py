@@ -1,0 +1,309 @@
+"""PyTorch backend: transformers' architectures, our LoRA layers, the MLX backend's training math.
+
+Implements the interface in `mlxft.backend` so `mlxft.train.Session` runs unchanged.  What
+must match the MLX backend for loss parity: the loss (sum of fp32 token cross-entropies
+over the mask, no attention mask: right padding only ever follows real tokens), gradient
+accumulation (sum over the group, divided by the group's trained tokens), clipping and the
+optimizer (see `torch_backend.optim`).  The base model stays in eval mode throughout, as
+mlx-lm's architectures have no dropout: only the LoRA dropout (and the checkpointing flag)
+switch on for training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlxft.adapters.files import peft_key, split_key
+from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
+from mlxft.errors import UserError
+from torch_backend.device import MemoryMeter, pick_device, pick_dtype, rng_state, set_rng_state
+from torch_backend.dora import DoRALinear
+from torch_backend.generate import KVGeneration
+from torch_backend.lora import LoRALinear
+from torch_backend.optim import load_optimizer_state, make_optimizer, optimizer_state
+
+
+def refuse_quantized(model_path: Path, config: dict) -> None:
+    """MLX-quantized weights (packed uint32 + scales) mean nothing to transformers."""
+    quant = config.get("quantization")
+    if quant:
+        bits = f"{quant.get('bits')}-bit " if isinstance(quant, dict) else ""
+        raise UserError(
+            f"{model_path}: this is a {bits}quantized MLX model, which the torch backend cannot load; "
+            f"use --backend mlx, or de-quantize it: mlxft convert --to-hf --mlx-path {model_path} --hf-path OUT_DIR"
+        )
+
+
+def load_hf_model(model_path: Path, dtype: torch.dtype, trust_remote_code: bool):
+    import transformers
+    from transformers.utils import is_torch_available
+    from transformers.utils import logging as hf_logging
+
+    if not is_torch_available():  # e.g. transformers 5 with torch < 2.6: it hides its model classes
+        raise UserError(f"transformers {transformers.__version__} cannot use torch {torch.__version__}; "
+                        "upgrade one of them (pip install -U torch transformers)")
+    from transformers import AutoModelForCausalLM
+
+    # transformers >= 4.56 renamed `torch_dtype` to `dtype` (and warns on the old name)
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the report starts with the model line, as on MLX
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(model_path), trust_remote_code=trust_remote_code, use_safetensors=True, **{dtype_kw: dtype}
+        )
+    except (OSError, ValueError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "trust_remote_code" in str(err):
+            raise UserError(f"{model_path}: needs custom code; pass --trust-remote-code if you trust it") from None
+        raise UserError(f"{model_path}: transformers cannot load this model: {message}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, cfg):
+        if cfg.quantize:
+            raise UserError("quantize (QLoRA) is only supported by the MLX backend; drop --quantize or use --backend mlx")
+        self.cfg = cfg
+        self._device = pick_device(cfg.device)
+        self._dtype = None
+        self.model = None
+        self.optimizer = None
+        self.plan = None
+        self.memory = MemoryMeter(self._device)
+        self._steps = 0
+        self._checkpointing = False
+        self._training = None
+        self._generation = None
+
+    # ---------------------------------------------------------------- load
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self._dtype).replace("torch.", "")
+
+    def load(self, model_path: Path) -> None:
+        model_path = Path(model_path)
+        config = json.loads((model_path / "config.json").read_text())
+        refuse_quantized(model_path, config)
+        stored = config.get("dtype") or config.get("torch_dtype")
+        self._dtype = pick_dtype(self.cfg.dtype, self._device, stored)
+        model = load_hf_model(model_path, self._dtype, self.cfg.trust_remote_code)
+        model.to(self._device)
+        model.requires_grad_(False)
+        if self.cfg.fine_tune_type == "full":
+            self._unfreeze_full(model)
+        model.config.use_cache = False  # training never reads a cache; generation asks for one
+        self.model = model
+        self._set_training(False)
+
+    def _blocks(self, model) -> nn.ModuleList:
+        for path, module in model.named_modules():
+            if isinstance(module, nn.ModuleList) and path.rsplit(".", 1)[-1] == "layers":
+                return module
+        raise UserError(f"{self.cfg.model}: no transformer blocks ('layers') found in this model")
+
+    def num_blocks(self) -> int:
+        return len(self._blocks(self.model))
+
+    def _unfreeze_full(self, model) -> None:
+        """Full fine-tuning: the planned blocks (or the whole model) train, as on MLX."""
+        blocks = self._blocks(model)
+        layers, everything = full_layers(len(blocks), self.cfg.num_layers)
+        for module in [model] if everything else [blocks[i] for i in layers]:
+            module.requires_grad_(True)
+
+    def linear_modules(self) -> list:
+        found = []
+        for path, module in self.model.named_modules():
+            if type(module) is nn.Linear and block_index(path) is not None and not path.endswith(".base"):
+                found.append(LinearInfo(path, module.in_features, module.out_features))
+        return sorted(found, key=lambda i: (block_index(i.path), i.path))
+
+    # ---------------------------------------------------------------- adapters
+    def add_adapters(self, plan: AdapterPlan) -> None:
+        for target in plan.targets:
+            parent_path, _, child = target.path.rpartition(".")
+            parent = self.model.get_submodule(parent_path)
+            a, b = plan.init[target.path]
+            layer = DoRALinear if plan.kind == "dora" else LoRALinear
+            setattr(parent, child, layer(getattr(parent, child), a, b, plan.scale, plan.dropout))
+        self.plan = plan
+        self._training = None
+
+    def _lora_layers(self) -> list:
+        return [(p, m) for p, m in self.model.named_modules() if isinstance(m, LoRALinear)]
+
+    def _named_trainable(self) -> list:
+        """[(PEFT key, parameter)] in a fixed order: the optimizer state's keys (HF names for full)."""
+        if self.cfg.fine_tune_type == "full":
+            return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        out = []
+        for path, layer in self._lora_layers():
+            out += [(peft_key(path, "lora_A"), layer.lora_A), (peft_key(path, "lora_B"), layer.lora_B)]
+            if isinstance(layer, DoRALinear):
+                out.append((peft_key(path, "lora_magnitude_vector"), layer.lora_magnitude_vector))
+        return out
+
+    def adapter_weights(self) -> dict:
+        return {key: p.detach().to("cpu", torch.float32).numpy().copy() for key, p in self._named_trainable()}
+
+    def set_adapter_weights(self, weights: dict) -> None:
+        layers = dict(self._lora_layers())
+        for key, value in weights.items():
+            path, name = split_key(key)
+            if path not in layers or name not in ("lora_A", "lora_B", "lora_magnitude_vector") \
+                    or not hasattr(layers[path], name):
+                raise UserError(f"adapter has weights for module '{path}', which this model has no adapter slot for")
+            current = getattr(layers[path], name)
+            if tuple(current.shape) != tuple(value.shape):
+                raise UserError(
+                    f"adapter module '{path}' {name} has shape {tuple(value.shape)}, the model expects {tuple(current.shape)}"
+                )
+            with torch.no_grad():
+                current.copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)))
+
+    def model_weights(self) -> dict:
+        """Every weight under its Hugging Face name, float32 numpy (the saver casts back to the
+        model's dtype; bf16 -> fp32 -> bf16 is exact), tied copies once, for a full fine-tune."""
+        out, seen = {}, set()
+        for name, t in self.model.state_dict().items():
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                out[name] = t.detach().to("cpu", torch.float32).numpy()
+        return out
+
+    def parameter_counts(self) -> tuple:
+        params = list(self.model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    # ---------------------------------------------------------------- modes
+    def _set_training(self, training: bool) -> None:
+        """Base model always in eval mode (no dropout, like mlx-lm); in training the LoRA
+        dropout is on and, with checkpointing, the modules that checkpoint see `training`
+        (transformers only recomputes activations in training mode)."""
+        if self._training == training:
+            return
+        self.model.eval()
+        if training:
+            for module in self.model.modules():
+                if isinstance(module, LoRALinear):
+                    module.dropout.train()
+                elif self._checkpointing and getattr(module, "gradient_checkpointing", False):
+                    module.training = True
+        self._training = training
+
+    # ---------------------------------------------------------------- training
+    def setup_training(self, cfg) -> None:
+        torch.manual_seed(cfg.seed)  # LoRA dropout masks
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(cfg, params)
+        self._clip = cfg.grad_clip
+        self._steps = 0
+        if cfg.grad_checkpoint:
+            # non-reentrant: gradients reach the LoRA weights without the inputs requiring grad
+            kwargs = {"use_reentrant": False}
+            try:
+                if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                    self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+                else:
+                    self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            except ValueError as err:
+                raise UserError(f"{cfg.model}: grad_checkpoint: {str(err).splitlines()[0]}") from None
+            self._checkpointing = True
+            self._training = None
+
+    def _loss_sum(self, batch) -> torch.Tensor:
+        inputs = torch.as_tensor(batch.inputs, dtype=torch.long, device=self._device)
+        targets = torch.as_tensor(batch.targets, dtype=torch.long, device=self._device)
+        mask = torch.as_tensor(batch.mask, dtype=torch.float32, device=self._device)
+        logits = self.model(input_ids=inputs, use_cache=False).logits.float()
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        return (losses * mask.flatten()).sum()
+
+    def train_step(self, batches: list, lr: float) -> tuple:
+        """One optimizer step over the grad-accumulation group: (loss sum, trained tokens, grad norm)."""
+        self._set_training(True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.optimizer.zero_grad(set_to_none=True)
+        total, count = torch.zeros((), device=self._device), 0
+        for batch in batches:
+            loss = self._loss_sum(batch)
+            loss.backward()
+            total += loss.detach()
+            count += int(batch.mask.sum())
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(max(count, 1))
+        norm = torch.nn.utils.clip_grad_norm_(params, self._clip if self._clip else float("inf"))
+        self.optimizer.step()
+        self._steps += 1
+        return total.item(), count, norm.item()
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list) -> tuple:
+        """(sum of token losses, token count) over `batches`, dropout off."""
+        self._set_training(False)
+        total, count = 0.0, 0
+        for batch in batches:
+            total += self._loss_sum(batch).item()
+            count += int(batch.mask.sum())
+        return total, count
+
+    @torch.no_grad()
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """float32 logits for a (B, T) batch (used by tests and parity checks)."""
+        self._set_training(False)
+        inputs = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=self._device)
+        return self.model(input_ids=inputs, use_cache=False).logits.float().cpu().numpy()
+
+    # ---------------------------------------------------------------- generation
+    def start_generation(self, prompt_ids: list) -> np.ndarray:
+        """Run the prompt, keep its KV cache; float32 logits (vocab,) for the next token."""
+        if not prompt_ids:
+            raise UserError("generation needs a non-empty prompt")
+        self._set_training(False)
+        self._generation = KVGeneration(self.model, self._device)
+        return self._generation.start(prompt_ids)
+
+    def next_logits(self, token_id: int) -> np.ndarray:
+        """Append one token to the cached sequence; logits (vocab,) for the token after it."""
+        if self._generation is None:
+            raise RuntimeError("next_logits before start_generation")
+        return self._generation.step(token_id)
+
+    # ---------------------------------------------------------------- resume
+    def optimizer_state(self) -> dict:
+        return optimizer_state(self.optimizer, self._named_trainable(), self.cfg.optimizer, self._steps)
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self._steps = load_optimizer_state(self.optimizer, self._named_trainable(), self.cfg.optimizer, state)
+
+    def rng_state(self) -> dict:
+        return rng_state(self._device)
+
+    def set_rng_state(self, state: dict) -> None:
+        set_rng_state(self._device, state)
+
+    # ---------------------------------------------------------------- memory
+    def peak_memory_gb(self) -> float:
+        return self.memory.peak_gb()
+
+    def reset_peak_memory(self) -> None:
+        self.memory.reset()

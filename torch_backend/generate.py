@@ -1,0 +1,37 @@
+"""Token-by-token generation on torch with a transformers KV cache (the MLX side: `KVGeneration`).
+
+The cache lives here, between `start` (prefill the prompt) and `step` (one token), so the
+neutral sampler in `mlxft.generate` only ever sees float32 logits of the last position.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+
+
+class KVGeneration:
+    def __init__(self, model, device: torch.device):
+        self.model, self.device, self.cache = model, device, None
+        args = set(inspect.signature(model.forward).parameters)
+        # transformers 5.x renamed `past_key_values` to `cache`; older and remote-code models keep the old name
+        self.cache_arg = "cache" if "cache" in args else "past_key_values"
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in args else {}  # only the last position's logits
+
+    @torch.no_grad()
+    def _forward(self, ids: list) -> np.ndarray:
+        inputs = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=inputs, use_cache=True, **{self.cache_arg: self.cache}, **self.extra)
+        self.cache = out[self.cache_arg] if self.cache_arg in out else out.past_key_values
+        return out.logits[0, -1].float().cpu().numpy()
+
+    def start(self, prompt_ids: list) -> np.ndarray:
+        self.cache = None
+        return self._forward([int(t) for t in prompt_ids])
+
+    def step(self, token_id: int) -> np.ndarray:
+        if self.cache is None:
+            raise RuntimeError("next_logits before start_generation")
+        return self._forward([int(token_id)])

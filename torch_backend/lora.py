@@ -1,0 +1,33 @@
+"""LoRA for torch, the same math and layout as `mlxft.mlx_backend.lora` (and PEFT's file layout).
+
+A: (r, in), B: (out, r), y = base(x) + scale * dropout(x) A^T B^T.  The adapter weights stay
+float32; like the MLX layer they are cast to the activation dtype for the product and the
+delta is cast back to the base output's dtype, so no op ever mixes dtypes.  Our own module
+rather than PEFT's keeps the product free of PEFT and the initial weights under our control
+(`plan.init`), so both backends start bit-identical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, lora_a: np.ndarray, lora_b: np.ndarray, scale: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.tensor(np.asarray(lora_a), dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.tensor(np.asarray(lora_b), dtype=torch.float32, device=device))
+        self.scale = float(scale)
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x)
+        return self.scale * ((x @ self.lora_A.T.to(x.dtype)) @ self.lora_B.T.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + self.delta(x).to(y.dtype)

@@ -1,10 +1,11 @@
-"""DoRA for torch: the math of `mlxft.mlx_backend.dora` (which is PEFT 0.21's), on torch tensors.
+"""DoRA for torch: the computation of `mlxft.mlx_backend.dora` (PEFT 0.21's DoRA), on torch tensors.
 
     W' = m / ||W + s B A||_row * (W + s B A)
 
-The norm is computed without gradient (DoRA paper, section 4.3, as PEFT does); with dropout
-active in training, the dropped-out x feeds both the base and LoRA paths of the correction
-term, as in PEFT.  `lora_magnitude_vector` (out,) starts at ||W||_row (B = 0) in float32.
+The norm carries no gradient (DoRA paper, section 4.3, as PEFT) and is expanded as on MLX,
+||W||²_row + 2 s <B_i, (A Wᵀ)ᵀ_i> + s² B_i (A Aᵀ) B_iᵀ, so no dense (out, in) matrix is built per
+step; with dropout active in training, the dropped-out x feeds both the base and LoRA paths of
+the correction term, as in PEFT.  `lora_magnitude_vector` (out,) starts at ||W||_row, float32.
 """
 
 from __future__ import annotations
@@ -19,20 +20,28 @@ from torch_backend.lora import LoRALinear
 class DoRALinear(LoRALinear):
     def __init__(self, base: nn.Linear, lora_a, lora_b, scale: float, dropout: float = 0.0):
         super().__init__(base, lora_a, lora_b, scale, dropout)
+        with torch.no_grad():
+            self.register_buffer("base_norm_sq", base.weight.float().square().sum(dim=1), persistent=False)
         self.lora_magnitude_vector = nn.Parameter(self._weight_norm())
 
     @torch.no_grad()
     def _weight_norm(self) -> torch.Tensor:
-        w = self.base.weight.float() + self.scale * (self.lora_B @ self.lora_A)
-        return torch.linalg.norm(w, dim=1)
+        a, b, s = self.lora_A, self.lora_B, self.scale
+        a_wt = F.linear(a.to(self.base.weight.dtype), self.base.weight).float()  # (r, out) = A Wᵀ
+        cross = (b * a_wt.T).sum(dim=1)
+        lora_sq = ((b @ (a @ a.T)) * b).sum(dim=1)
+        return (self.base_norm_sq + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's y + (f - 1) x Wᵀ + f s x Aᵀ Bᵀ, grouped as on MLX: y - x Wᵀ + f (x Wᵀ + s x Aᵀ Bᵀ)."""
         y = self.base(x)
         factor = (self.lora_magnitude_vector / self._weight_norm()).to(x.dtype)
         if isinstance(self.dropout, nn.Dropout) and self.dropout.training:
             x = self.dropout(x)
-            base_out = F.linear(x, self.base.weight.to(x.dtype))
+            base_out = F.linear(x, self.base.weight)
+            rest = y - base_out
         else:
-            base_out = y - self.base.bias if self.base.bias is not None else y
+            rest = self.base.bias if self.base.bias is not None else 0.0
+            base_out = y - rest
         lora_out = (x @ self.lora_A.T.to(x.dtype)) @ self.lora_B.T.to(x.dtype)
-        return y + ((factor - 1) * base_out + factor * self.scale * lora_out).to(y.dtype)
+        return rest + (factor * (base_out + self.scale * lora_out)).to(y.dtype)

@@ -117,6 +117,9 @@ class MLXBackend:
             self.model, self.config = quantize_model(
                 self.model, self.config, group_size=self.cfg.q_group_size, bits=self.cfg.quantize
             )
+        # materialise now: a lazy quantize (or dtype cast) keeps the source weights alive until
+        # the first training step, whose peak memory would then hold both copies
+        mx.eval(self.model.parameters())
         self.model.freeze()
         if self.cfg.fine_tune_type == "full":
             self._unfreeze_full()
@@ -205,15 +208,16 @@ class MLXBackend:
         total = 0
         for _, module in self.model.named_modules():
             own = {k: v for k, v in module.items() if isinstance(v, mx.array)}
-            if isinstance(module, nn.QuantizedLinear):
-                fin, fout = linear_shape(module)
-                total += fin * fout + (own["bias"].size if "bias" in own else 0)
+            if "scales" in own:  # QuantizedLinear / QuantizedEmbedding: uint32 words of 32 // bits weights
+                rows, words = own["weight"].shape
+                total += rows * words * 32 // module.bits + (own["bias"].size if "bias" in own else 0)
             else:
                 total += sum(v.size for v in own.values())
         return trainable, total
 
     # ---------------------------------------------------------------- training
     def setup_training(self, cfg) -> None:
+        mx.random.seed(cfg.seed)  # dropout masks: reproducible, and part of a checkpoint's RNG state
         opt = cfg.optimizer
         extra = dict(cfg.optimizer_config.get(opt, {}))
         if opt == "adamw":
@@ -295,6 +299,28 @@ class MLXBackend:
     def next_logits(self, token_id: int) -> np.ndarray:
         """Feed one generated token through the cache; logits for the next position."""
         return self._generation.step(token_id)
+
+    # ---------------------------------------------------------------- resume
+    def optimizer_state(self) -> dict:
+        """Flat {PEFT key + .exp_avg/.exp_avg_sq/.momentum_buffer, step: np.ndarray} (see optim_state)."""
+        from mlxft.mlx_backend.optim_state import export_state
+
+        return export_state(self.optimizer, self.cfg.optimizer)
+
+    def load_optimizer_state(self, state: dict) -> None:
+        from mlxft.mlx_backend.optim_state import import_state
+
+        import_state(self.optimizer, self.cfg.optimizer, self.model.trainable_parameters(), state)
+
+    def rng_state(self) -> dict:
+        return {"mlx.key": np.array(mx.random.state[0], dtype=np.uint32)}
+
+    def set_rng_state(self, state: dict) -> None:
+        """MLX has no setter for its global key, but seed(s) sets it to key(s) = [s >> 32, s & 0xffffffff]."""
+        if "mlx.key" not in state:
+            raise UserError("RNG state has no 'mlx.key': it was saved by another backend")
+        hi, lo = (int(x) for x in np.asarray(state["mlx.key"], dtype=np.uint32).reshape(2))
+        mx.random.seed((hi << 32) | lo)
 
     def peak_memory_gb(self) -> float:
         return mx.get_peak_memory() / 1e9

@@ -119,7 +119,16 @@ def _lora_overrides(kw: dict) -> dict:
 @click.option("--test-batches", type=int)
 @click.option("--save-every", type=int)
 @click.option("--adapter-path", help="Output directory for the adapter (default ./adapters).")
-@click.option("--resume-adapter-file", help="Start from an existing adapter's weights (a new run).")
+@click.option("--resume-adapter-file", help="Start a NEW run from an existing adapter's weights (step 0, fresh optimizer).")
+@click.option("--resume", is_flag=True, default=None,
+              help="Continue the interrupted run in --adapter-path from its latest checkpoint, exactly (weights, "
+                   "optimizer, step, data position, RNG).")
+@click.option("--resume-from", type=click.Path(file_okay=False),
+              help="Continue from this checkpoint directory (adapter_path/checkpoints/step-NNNNNNN).")
+@click.option("--keep-checkpoints", type=int, help="Checkpoints kept (newest; default 3).")
+@click.option("--grad-clip", type=float, help="Clip the global gradient norm to this value.")
+@click.option("--revision", help="Hub model: the branch, tag or commit to download (pin it for reproducible runs).")
+@click.option("--dry-run", is_flag=True, help="Print the memory plan (from config, data and model metadata) and exit.")
 @click.option("--seed", type=int)
 @click.option("--quantize", type=click.Choice(["4", "8"]), help="QLoRA: quantize the base model on load.")
 @click.option("--trust-remote-code", is_flag=True, default=None)
@@ -130,8 +139,17 @@ def lora(**kw):
 
     if kw.get("quantize"):
         kw["quantize"] = int(kw["quantize"])
+    dry_run = kw.pop("dry_run")
     overrides, lora_params = _lora_overrides(kw)
+    if dry_run:
+        overrides["train"] = True  # plan the training run the other flags describe
     cfg = build_config(kw["config"], overrides, lora_params)
+    if dry_run:
+        from mlxft.train import plan
+
+        for line in plan(cfg):
+            click.echo(line)
+        return
     if not (cfg.train or cfg.test):
         raise UserError("nothing to do: pass --train and/or --test")
     from mlxft.train import Session

@@ -327,5 +327,10 @@ def total_iters(cfg: Config, batches_per_epoch: int) -> int:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    """The resolved config, as YAML that `--config` reads back."""
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """The resolved config, as YAML that `--config` reads back (written atomically)."""
+    from mlxft.fileio import write_text
+
+    data = cfg.to_dict()
+    # alpha is derived (scale * rank); writing both would make the file refuse to load
+    data["lora_parameters"] = {k: v for k, v in (data.get("lora_parameters") or {}).items() if k != "alpha"}
+    write_text(path, yaml.safe_dump(data, sort_keys=False))

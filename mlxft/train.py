@@ -2,36 +2,30 @@
 
 One loop for both backends (the backend owns only tensor work), short enough to read on
 one screen.  Validation runs before the first update, every `steps_per_eval` and at the end.
+Checkpoints (`mlxft.resume`) let `--resume` continue a killed run exactly; `mlxft.guards`
+stops it cleanly on a diverged loss, out of memory or Ctrl-C.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
+from mlxft import guards, planner, resume
 from mlxft.adapters import plan_adapters
 from mlxft.adapters.files import adapter_config, load_adapter, save_adapter
 from mlxft.backend import get_backend
 from mlxft.config import Config, save_config, total_iters
 from mlxft.data import epoch_batches, eval_batches, load_splits, pad_token_id, padding_fraction
 from mlxft.errors import UserError
-from mlxft.fileio import atomic_dir, check_writable
+from mlxft.fileio import check_writable
 from mlxft.metrics import Reporter
 from mlxft.models import resolve_model
+from mlxft.resume import Position  # noqa: F401  (re-exported: the loop's data position)
 from mlxft.schedule import learning_rate
 
 CONFIG_FILE = "mlxft_config.yaml"
-
-
-@dataclass
-class Position:
-    """Where training stands: enough to resume exactly (with optimizer state and RNG)."""
-
-    step: int = 0
-    epoch: int = 0
-    index: int = 0  # next batch within the epoch
-    trained_tokens: int = 0
 
 
 def load_tokenizer(model_path: Path, cfg: Config):
@@ -51,12 +45,14 @@ class Session:
         self.out = Path(cfg.adapter_path)
         if cfg.train:
             check_writable(self.out)
+        self.checkpoint = resume.find_checkpoint(cfg) if cfg.train else None
         self.model_path = resolve_model(cfg.model, cfg.revision)
         self.tokenizer = load_tokenizer(self.model_path, cfg)
         self.splits = load_splits(cfg, self.tokenizer)
         self.pad_id = pad_token_id(self.tokenizer)
         self.backend = get_backend(cfg)
-        self.backend.load(self.model_path)
+        full_resume = self.checkpoint is not None and cfg.fine_tune_type == "full"
+        self.backend.load(self.checkpoint if full_resume else self.model_path)  # a full checkpoint is a model dir
         self.plan = None
         self.quiet = reporter_quiet
         if cfg.fine_tune_type != "full":
@@ -100,27 +96,46 @@ class Session:
         return lines
 
     # ------------------------------------------------------------------ train
+    def memory_line(self, longest: int) -> str:
+        """The planner's one-line estimate (advisory: a model it cannot read still trains)."""
+        try:
+            tensors = planner.model_tensors(self.model_path)
+            est = planner.estimate(self.cfg, self.model_path, longest, tensors)
+            budget, what = planner.machine_memory()
+            advice = planner.knobs(self.cfg, self.model_path, longest, budget, tensors) if est.total > 0.75 * budget else []
+        except (UserError, KeyError, ValueError, TypeError) as err:
+            self.estimate = None
+            return f"Memory: no estimate ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        self.estimate = est
+        return f"Memory: {est.summary()}; {planner.verdict(est, budget, what, advice)}"
+
     def train(self) -> Path:
         cfg, backend = self.cfg, self.backend
         train_split, valid_split = self.splits["train"], self.splits["valid"]
         first_epoch = epoch_batches(train_split, cfg.batch_size, seed=cfg.seed, epoch=0, pad_id=self.pad_id)
         iters = total_iters(cfg, len(first_epoch))
         val = eval_batches(valid_split, cfg.batch_size, self.pad_id, cfg.val_batches)
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out / CONFIG_FILE)
+        self.longest = longest = max(len(s) for s in train_split.sequences)
+        pos, notes, restored = self._start(iters)
         reporter = Reporter(self.out / "metrics.jsonl", iters, quiet=self.quiet)
-        for line in self.header(iters, len(first_epoch), padding_fraction(first_epoch)):
+        for line in self.header(iters, len(first_epoch), padding_fraction(first_epoch)) + [self.memory_line(longest)]:
             reporter.echo(line)
         backend.setup_training(cfg)
+        if restored:
+            notes += self._restore(*restored)
+            notes.append(f"Resuming from {self.checkpoint} at step {pos.step} (epoch {pos.epoch}, batch {pos.index})")
+        for note in filter(None, notes):
+            reporter.echo(note)
         backend.reset_peak_memory()
-        pos = Position()
         stream = _batches(train_split, cfg, self.pad_id, pos)
         window = {"loss": 0.0, "tokens": 0, "steps": 0, "seconds": 0.0}
         run_tokens, run_seconds = 0, 0.0
+        self.last_checkpoint, self._saved_step = self.checkpoint, pos.step
+        self.first_val_loss = None
 
         def evaluate(step: int):
             tic = time.perf_counter()
-            total, count = backend.eval_loss(val)
+            total, count = self._guarded(backend.eval_loss, val)
             lr_now = learning_rate(min(step, iters - 1), cfg.learning_rate, cfg.lr_schedule, iters)
             reporter.evaluation(step, "val", total / max(count, 1), count, time.perf_counter() - tic, lr_now,
                                 pos.step / run_seconds if run_seconds else 0.0,
@@ -128,50 +143,112 @@ class Session:
                                 backend.peak_memory_gb())
             return total / max(count, 1)
 
-        self.first_val_loss = evaluate(0)
-        try:
-            while pos.step < iters:
-                lr = learning_rate(pos.step, cfg.learning_rate, cfg.lr_schedule, iters)
-                group = [next(stream) for _ in range(cfg.grad_accumulation_steps)]
-                tic = time.perf_counter()
-                loss_total, tokens, grad_norm = backend.train_step(group, lr)
-                seconds = time.perf_counter() - tic
-                pos.step += 1
-                pos.trained_tokens += tokens
-                run_tokens, run_seconds = run_tokens + tokens, run_seconds + seconds
-                for key, value in (("loss", loss_total), ("tokens", tokens), ("steps", 1), ("seconds", seconds)):
-                    window[key] += value
-                reporter.progress(pos.step)
-                if pos.step % cfg.steps_per_report == 0 or pos.step == iters:
-                    reporter.train(pos.step, window["loss"] / max(window["tokens"], 1), lr,
-                                   window["steps"] / window["seconds"], window["tokens"] / window["seconds"],
-                                   pos.trained_tokens, backend.peak_memory_gb(), grad_norm)
-                    window = dict.fromkeys(window, 0)
-                if pos.step % cfg.steps_per_eval == 0 or pos.step == iters:
-                    self.last_val_loss = evaluate(pos.step)
-                if pos.step % cfg.save_every == 0 and pos.step != iters:
-                    self.save_checkpoint(pos)
-        finally:
-            reporter.close()
+        with guards.StopRequest() as stop:
+            try:
+                if not self.checkpoint:
+                    self.first_val_loss = evaluate(0)
+                while pos.step < iters and not stop.requested:
+                    lr = learning_rate(pos.step, cfg.learning_rate, cfg.lr_schedule, iters)
+                    group = [next(stream) for _ in range(cfg.grad_accumulation_steps)]
+                    tic = time.perf_counter()
+                    loss_total, tokens, grad_norm = self._guarded(backend.train_step, group, lr)
+                    seconds = time.perf_counter() - tic
+                    guards.check_finite(pos.step + 1, loss_total / max(tokens, 1), grad_norm, lr, cfg,
+                                        self.last_checkpoint)
+                    pos.step += 1
+                    pos.trained_tokens += tokens
+                    run_tokens, run_seconds = run_tokens + tokens, run_seconds + seconds
+                    for key, value in (("loss", loss_total), ("tokens", tokens), ("steps", 1), ("seconds", seconds)):
+                        window[key] += value
+                    reporter.progress(pos.step)
+                    if pos.step % cfg.steps_per_report == 0 or pos.step == iters:
+                        reporter.train(pos.step, window["loss"] / max(window["tokens"], 1), lr,
+                                       window["steps"] / window["seconds"], window["tokens"] / window["seconds"],
+                                       pos.trained_tokens, backend.peak_memory_gb(), grad_norm)
+                        window = dict.fromkeys(window, 0)
+                    if pos.step % cfg.steps_per_eval == 0 or pos.step == iters:
+                        self.last_val_loss = evaluate(pos.step)
+                    if pos.step % cfg.save_every == 0 and pos.step != iters:
+                        self.save_checkpoint(pos)
+                if stop.requested and pos.step < iters:
+                    self._interrupted(pos)
+            finally:
+                reporter.close()
         self.save_adapter(self.out)
-        reporter.echo(f"Saved adapter to {self.out} (PEFT layout: adapter_config.json, adapter_model.safetensors)")
+        reporter.echo(f"Saved the full model to {self.out} (Hugging Face directory: config.json, model.safetensors)"
+                      if cfg.fine_tune_type == "full" else
+                      f"Saved adapter to {self.out} (PEFT layout: adapter_config.json, adapter_model.safetensors)")
         return self.out
 
+    def _start(self, iters: int) -> tuple:
+        """(position, notices, checkpoint contents or None), with adapter_path ready for this run.
+
+        A fresh run clears an earlier run's checkpoints (so `--resume` cannot pick them up); a
+        resumed one is first checked against the checkpoint, then the directory is rewound to it."""
+        self.fingerprint = resume.fingerprint(self.cfg, self.model_path, self.splits["train"])
+        pos, notes, restored = Position(), [], None
+        if self.checkpoint:
+            restored = resume.read_checkpoint(self.checkpoint)
+            notes += resume.check_compatible(self.checkpoint, restored[0]["fingerprint"], self.fingerprint)
+            pos = Position(**restored[0]["position"])
+            if pos.step >= iters:
+                raise UserError(f"{self.checkpoint}: the run already reached step {pos.step} of iters {iters}; "
+                                "raise iters to train further")
+        self.out.mkdir(parents=True, exist_ok=True)
+        notes += resume.rewind(self.out, pos.step) if self.checkpoint else [resume.clear_stale(self.out)]
+        save_config(replace(self.cfg, resume=False, resume_from=None), self.out / CONFIG_FILE)
+        return pos, notes, restored
+
+    def _guarded(self, fn, *args):
+        """Run a backend call; an allocation failure becomes a UserError naming the knobs."""
+        try:
+            return fn(*args)
+        except (RuntimeError, MemoryError) as err:
+            if not guards.is_out_of_memory(err):
+                raise
+            est = getattr(self, "estimate", None)
+            raise guards.out_of_memory(err, self.cfg, self.longest, f"~{est.total / 1e9:.3g} GB" if est else None) from None
+
+    def _restore(self, state: dict, optimizer: dict, rng: dict) -> list:
+        """Weights, optimizer moments and RNG from a checkpoint (its position is set by the caller)."""
+        if self.cfg.fine_tune_type != "full":  # full fine-tunes were loaded from the checkpoint dir
+            _, weights = load_adapter(self.checkpoint)
+            self.backend.set_adapter_weights(weights)
+        self.backend.load_optimizer_state(optimizer)
+        resume.set_numpy_rng_state(rng)
+        if state.get("backend") != self.backend.name:
+            return [f"checkpoint written by the {state.get('backend')} backend: its random state does not carry over "
+                    "(only dropout draws differ)"]
+        self.backend.set_rng_state(rng)
+        return []
+
+    def _interrupted(self, pos: Position) -> None:
+        """Ctrl-C: keep the progress as a checkpoint, say how to continue, exit with status 130."""
+        import click
+
+        if pos.step > self._saved_step:
+            self.save_checkpoint(pos)
+        if self.last_checkpoint is None:
+            click.echo("Interrupted before the first step: nothing to save.", err=True)
+        else:
+            click.echo(f"Interrupted at step {pos.step}: saved checkpoint {self.last_checkpoint}. Resume with: "
+                       f"mlxft lora --config {self.out / CONFIG_FILE} --resume (or your command plus --resume)",
+                       err=True)
+        raise KeyboardInterrupt
+
     def save_adapter(self, out_dir: Path) -> None:
+        if self.cfg.fine_tune_type == "full":  # no adapter: the directory holds the whole model
+            from mlxft.adapters.files import save_full_model
+
+            return save_full_model(out_dir, self.backend.model_weights(), self.model_path, self.backend.dtype)
         save_adapter(out_dir, self.backend.adapter_weights(), adapter_config(self.plan, self.cfg.model))
 
     def save_checkpoint(self, pos: Position) -> Path:
-        root = self.out / "checkpoints"
-        target = root / f"step-{pos.step:07d}"
-        with atomic_dir(target) as tmp:
-            self.save_adapter(tmp)
-            save_config(self.cfg, tmp / CONFIG_FILE)
-        old = sorted(root.glob("step-*"))[: -self.cfg.keep_checkpoints]
-        for path in old:
-            import shutil
-
-            shutil.rmtree(path, ignore_errors=True)
-        return target
+        """checkpoints/step-NNNNNNN: weights, config, optimizer state, RNG, data position."""
+        self.last_checkpoint = resume.write_checkpoint(self.out, pos, self.save_adapter, self.cfg, self.backend,
+                                                       self.fingerprint, self.cfg.keep_checkpoints)
+        self._saved_step = pos.step
+        return self.last_checkpoint
 
     # ------------------------------------------------------------------ test
     def test(self) -> float:
@@ -196,3 +273,18 @@ def _batches(split, cfg: Config, pad_id: int, pos: Position):
             pos.index += 1
             yield batch
         pos.epoch, pos.index = pos.epoch + 1, 0
+
+
+def plan(cfg: Config) -> list:
+    """`mlxft lora --dry-run`: the memory plan from config, data and model metadata; writes nothing,
+    loads no weights."""
+    if cfg.train:
+        check_writable(Path(cfg.adapter_path))
+    resume.find_checkpoint(cfg)
+    model_path = resolve_model(cfg.model, cfg.revision)
+    splits = load_splits(cfg, load_tokenizer(model_path, cfg))
+    longest = max(len(s) for s in splits["train"].sequences)
+    batches = epoch_batches(splits["train"], cfg.batch_size, seed=cfg.seed, epoch=0, pad_id=0)
+    lines = [f"Data train: {len(splits['train'])} examples, longest {longest} tokens, {len(batches)} batches per epoch, "
+             f"{total_iters(cfg, len(batches))} steps"]
+    return lines + planner.plan_lines(cfg, model_path, longest)

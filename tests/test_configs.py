@@ -15,7 +15,7 @@ RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_runs(recipe, tiny_llama, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # recipes use repo-relative data paths
-    cfg = build_config(str(recipe), {"model": str(tiny_llama), "iters": 3, "epochs": None, "steps_per_eval": 3,
+    cfg = build_config(str(recipe), {"model": str(tiny_llama), "train": True, "iters": 3, "epochs": None, "steps_per_eval": 3,
                                      "val_batches": 2, "save_every": 2, "adapter_path": str(tmp_path / "out"),
                                      "max_seq_length": 256})
     if recipe.stem == "demo":

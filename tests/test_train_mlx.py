@@ -141,3 +141,11 @@ def test_cli_bad_inputs_write_nothing(tiny_llama, wikisql_small, tmp_path):
         result = runner.invoke(main, ["lora", "--train", "--model", str(tiny_llama), "--data", str(wikisql_small),
                                       "--adapter-path", str(ro / "a")])
         assert result.exit_code == 2 and "not writable" in result.output
+
+
+def test_fresh_run_replaces_metrics(stories, wikisql_small, tmp_path):
+    out = tmp_path / "out"
+    for _ in range(2):
+        session(stories, wikisql_small, out, iters=4, steps_per_report=2, steps_per_eval=4).train()
+    steps = [r["step"] for r in read_metrics(out)]
+    assert steps == [0, 2, 4, 4], steps  # one run's curve, not two appended

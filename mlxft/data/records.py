@@ -8,11 +8,13 @@ tokenizers; rendering lives in `render.py`.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from mlxft.errors import UserError
 
 EXTENSIONS = (".jsonl", ".json")
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 FORMATS_HELP = (
     '{"text"}, {"prompt", "completion"}, {"messages": [{"role", "content"}, ...]}, '
     '{"instruction", "input", "output"} (alpaca), or any keys with prompt_template/completion_template'
@@ -49,9 +51,20 @@ def _decode(path: Path, raw: bytes, where: str) -> str:
         raise UserError(f"{where}: not UTF-8 text (byte {err.start}); re-save {path.name} as UTF-8") from None
 
 
+def _check_unicode(value, text: str, where: str):
+    """JSON may escape a lone UTF-16 surrogate (\\ud800) that no tokenizer can encode: refuse it here."""
+    if _SURROGATE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{where}: invalid text: a lone UTF-16 surrogate escape (like \\ud800) is not "
+                            "a character; fix or drop that escape") from None
+    return value
+
+
 def _loads(text: str, where: str):
     try:
-        return json.loads(text)
+        return _check_unicode(json.loads(text), text, where)
     except json.JSONDecodeError as err:  # "line 1" would mislead in a jsonl line: give the column only
         raise UserError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
     except RecursionError:
@@ -85,6 +98,7 @@ def _read_json_array(path: Path, raw: bytes):
         raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
     except RecursionError:
         raise UserError(f"{path}: invalid JSON (nested too deeply)") from None
+    _check_unicode(data, text, str(path))
     if isinstance(data, dict):  # one object: a one-line JSON-lines file
         return None
     if not isinstance(data, list):

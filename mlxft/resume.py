@@ -1,0 +1,235 @@
+"""Checkpoints that let a killed run continue exactly where it stopped.
+
+    <adapter_path>/checkpoints/step-0000100/
+        adapter_config.json, adapter_model.safetensors   the weights: a usable adapter directory
+        mlxft_config.yaml                                 the run's config
+        trainer_state.safetensors                         optimizer tensors `optim.*`, RNG arrays `rng.*`
+        trainer_state.json                                position + what the run must match
+
+Batches are a pure function of (seed, epoch) and the learning rate of the step, so position
+(epoch, index in the epoch) + optimizer state + RNG state is all a resumed run needs to
+produce the same losses as an uninterrupted one.  A checkpoint directory appears whole or not
+at all (`fileio.atomic_dir`); names are ours (`step-%07d`), never taken from input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from mlxft.errors import UserError
+from mlxft.fileio import atomic_dir, save_safetensors, write_json, write_text
+
+FORMAT = 1
+CHECKPOINTS = "checkpoints"
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+_NAME = re.compile(r"^step-(\d{7,})$")
+
+# Settings a checkpoint's optimizer state, weights and data position only make sense with.
+IDENTITY = ("fine_tune_type", "quantize", "q_group_size", "dtype", "batch_size", "grad_accumulation_steps",
+            "max_seq_length", "mask_prompt", "seed", "optimizer", "optimizer_config", "num_layers")
+LORA_IDENTITY = ("rank", "scale", "dropout", "keys")
+# Settings that may change on resume (the run then differs from an uninterrupted one: we say so).
+SCHEDULE = ("iters", "epochs", "learning_rate", "lr_schedule", "weight_decay", "grad_clip")
+
+
+@dataclass
+class Position:
+    """Where training stands: enough to resume exactly (with optimizer state and RNG)."""
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0  # next batch within the epoch
+    trained_tokens: int = 0
+
+
+def checkpoint_dirs(adapter_path: Path) -> list:
+    """[(step, dir)] of complete checkpoints, oldest first."""
+    root = Path(adapter_path) / CHECKPOINTS
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            match = _NAME.match(path.name)
+            if match and (path / STATE_JSON).is_file():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_checkpoint(cfg) -> Optional[Path]:
+    """The checkpoint `--resume` / `--resume-from` asks for, checked before any model loads."""
+    if cfg.resume_from:
+        path = Path(cfg.resume_from)
+        if not path.is_dir():
+            raise UserError(f"resume_from: {path} is not a directory; pass a checkpoint such as "
+                            f"{Path(cfg.adapter_path) / CHECKPOINTS / 'step-0000100'}")
+        if (path / STATE_JSON).is_file():
+            return path
+        latest = checkpoint_dirs(path)
+        if latest:  # an adapter directory: its newest checkpoint
+            return latest[-1][1]
+        raise UserError(f"resume_from: {path} is not an mlxft checkpoint (no {STATE_JSON}); checkpoints are "
+                        f"the {CHECKPOINTS}/step-NNNNNNN directories written every save_every steps")
+    if cfg.resume:
+        latest = checkpoint_dirs(Path(cfg.adapter_path))
+        if not latest:
+            raise UserError(f"--resume: no checkpoint in {Path(cfg.adapter_path) / CHECKPOINTS}; checkpoints are "
+                            "written every save_every steps; run without --resume to start over")
+        return latest[-1][1]
+    return None
+
+
+# --------------------------------------------------------------------------- fingerprint
+def _digest(*chunks) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk if isinstance(chunk, bytes) else str(chunk).encode())
+    return h.hexdigest()[:16]
+
+
+def model_digest(model_path: Path) -> str:
+    """config.json + weight file names and sizes: cheap, and changes with any other model."""
+    model_path = Path(model_path)
+    files = sorted((p.name, p.stat().st_size) for p in model_path.glob("*.safetensors"))
+    return _digest((model_path / "config.json").read_bytes(), files)
+
+
+def data_digest(split) -> str:
+    """The tokenized training examples and their target masks: what the batches are built from."""
+    h = hashlib.sha256()
+    for ids, mask in zip(split.sequences, split.masks):
+        h.update(np.asarray(ids, dtype=np.int32).tobytes())
+        h.update(np.packbits(np.asarray(mask, dtype=bool)).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def fingerprint(cfg, model_path: Path, train_split) -> dict:
+    out = {key: getattr(cfg, key) for key in IDENTITY + SCHEDULE}
+    if cfg.fine_tune_type != "full":
+        out.update({f"lora_parameters.{k}": cfg.lora_parameters.get(k) for k in LORA_IDENTITY})
+    out["model"] = model_digest(model_path)
+    out["data"] = data_digest(train_split)
+    return json.loads(json.dumps(out))  # as JSON will read it back
+
+
+def _describe(key: str, saved, now) -> str:
+    if key == "model":
+        return "the model differs (config.json or weight files)"
+    if key == "data":
+        return "the training data differs (tokenized train split)"
+    return f"{key} is {now!r}, the checkpoint has {saved!r}"
+
+
+def check_compatible(checkpoint: Path, saved: dict, now: dict) -> list:
+    """Refuse a resume that cannot continue the same run; return notices for schedule changes."""
+    problems = [_describe(k, saved.get(k), now.get(k)) for k in now
+                if k not in SCHEDULE and saved.get(k) != now.get(k)]
+    if problems:
+        raise UserError(
+            f"cannot resume from {checkpoint}: {'; '.join(problems[:3])}. Resume with the checkpoint's settings "
+            f"({checkpoint / 'mlxft_config.yaml'}), or start a new run from its weights with "
+            f"--resume-adapter-file {checkpoint}"
+        )
+    return [f"resuming with {_describe(k, saved.get(k), now.get(k))}: the run will differ from an uninterrupted one"
+            for k in SCHEDULE if saved.get(k) != now.get(k)]
+
+
+# --------------------------------------------------------------------------- RNG
+def numpy_rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"numpy.keys": np.asarray(keys, dtype=np.uint32), "numpy.pos": np.array([pos], dtype=np.int64),
+            "numpy.has_gauss": np.array([has_gauss], dtype=np.int64),
+            "numpy.cached_gaussian": np.array([cached], dtype=np.float64)}
+
+
+def set_numpy_rng_state(state: dict) -> None:
+    if "numpy.keys" in state:
+        np.random.set_state(("MT19937", state["numpy.keys"], int(state["numpy.pos"][0]),
+                             int(state["numpy.has_gauss"][0]), float(state["numpy.cached_gaussian"][0])))
+
+
+# --------------------------------------------------------------------------- write / read
+def write_checkpoint(adapter_path: Path, pos: Position, save_weights, cfg, backend, fingerprint_: dict,
+                     keep: int) -> Path:
+    """checkpoints/step-NNNNNNN, atomically; then only the newest `keep` are kept."""
+    from mlxft.config import save_config
+
+    target = Path(adapter_path) / CHECKPOINTS / f"step-{pos.step:07d}"
+    tensors = {f"optim.{k}": np.ascontiguousarray(v) for k, v in backend.optimizer_state().items()}
+    rng = dict(numpy_rng_state(), **backend.rng_state())
+    tensors.update({f"rng.{k}": np.ascontiguousarray(v) for k, v in rng.items()})
+    state = {"format": FORMAT, "position": asdict(pos), "backend": backend.name, "fingerprint": fingerprint_}
+    with atomic_dir(target) as tmp:
+        save_weights(tmp)
+        save_config(replace(cfg, resume=False, resume_from=None), tmp / "mlxft_config.yaml")
+        save_safetensors(tmp / STATE_TENSORS, tensors)
+        write_json(tmp / STATE_JSON, state)  # last: its presence marks the checkpoint complete
+    for _, old in checkpoint_dirs(adapter_path)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def read_checkpoint(path: Path) -> tuple:
+    """(trainer_state.json dict, optimizer tensors, rng tensors)."""
+    from safetensors.numpy import load_file
+
+    try:
+        state = json.loads((path / STATE_JSON).read_text())
+        tensors = load_file(str(path / STATE_TENSORS))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: damaged checkpoint ({str(err).splitlines()[0]}); resume from an earlier one "
+                        "with --resume-from") from None
+    if state.get("format") != FORMAT or "position" not in state:
+        raise UserError(f"{path / STATE_JSON}: unknown checkpoint format {state.get('format')!r}")
+    optim = {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")}
+    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    return state, optim, rng
+
+
+def rewind(adapter_path: Path, step: int) -> list:
+    """Make the run directory describe a run that stopped at `step`: drop metrics lines and
+    checkpoints after it (they belong to the abandoned continuation).  Returns notices."""
+    notes = []
+    later = [(s, p) for s, p in checkpoint_dirs(adapter_path) if s > step]
+    for _, path in later:
+        shutil.rmtree(path, ignore_errors=True)
+    if later:
+        notes.append(f"removed {len(later)} later checkpoint(s) of the abandoned continuation "
+                     f"(steps {', '.join(str(s) for s, _ in later)})")
+    metrics = Path(adapter_path) / "metrics.jsonl"
+    if metrics.is_file():
+        kept, dropped = [], 0
+        for line in metrics.read_text().splitlines():
+            try:
+                after = json.loads(line).get("step", 0) > step
+            except (ValueError, AttributeError):
+                after = True  # a line cut by the kill
+            dropped += after
+            if not after:
+                kept.append(line)
+        if dropped:
+            write_text(metrics, "".join(line + "\n" for line in kept))
+    return notes
+
+
+def clear_stale(adapter_path: Path) -> Optional[str]:
+    """A fresh run in a directory with another run's files: remove its checkpoints (so a later
+    `--resume` cannot pick up the old run) and its metrics.jsonl (so curves don't mix)."""
+    old = checkpoint_dirs(adapter_path)
+    for _, path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    metrics = Path(adapter_path) / "metrics.jsonl"
+    if metrics.exists():  # a fresh run starts a fresh curve; a resumed one appends (see `rewind`)
+        metrics.unlink()
+    if old:
+        return (f"removed {len(old)} checkpoint(s) of an earlier run in {Path(adapter_path) / CHECKPOINTS} "
+                "(pass --resume to continue a run instead)")
+    return None

@@ -131,14 +131,16 @@ def _lora_overrides(kw: dict) -> dict:
 @click.option("--dry-run", is_flag=True, help="Print the memory plan (from config, data and model metadata) and exit.")
 @click.option("--seed", type=int)
 @click.option("--quantize", type=click.Choice(["4", "8"]), help="QLoRA: quantize the base model on load.")
+@click.option("--q-group-size", type=click.Choice(["32", "64", "128"]), help="QLoRA quantization group size (default 64).")
 @click.option("--trust-remote-code", is_flag=True, default=None)
 @user_errors
 def lora(**kw):
     """Fine-tune with LoRA (or DoRA / full) and/or evaluate on the test split."""
     from mlxft.config import build_config
 
-    if kw.get("quantize"):
-        kw["quantize"] = int(kw["quantize"])
+    for key in ("quantize", "q_group_size"):
+        if kw.get(key):
+            kw[key] = int(kw[key])
     dry_run = kw.pop("dry_run")
     overrides, lora_params = _lora_overrides(kw)
     if dry_run:

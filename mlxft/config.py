@@ -275,7 +275,7 @@ def build_config(config_file: Optional[str] = None, overrides: Optional[dict] = 
             raise UserError(f"{where}: unknown key '{key}', {_closest(key, FIELDS)}")
         values[key] = _check_type(key, value, where)
     cfg = Config(**values)
-    where_of = lambda key: sources.get(key, "config")  # noqa: E731
+    where_of = lambda key: sources.get(key, config_file or "mlxft lora")  # noqa: E731
     cfg.lr_schedule = _normalize_schedule(cfg.lr_schedule, where_of("lr_schedule"))
     cfg.lora_parameters = _normalize_lora(cfg.lora_parameters or {}, where_of("lora_parameters"))
     for key in _PATH_KEYS:

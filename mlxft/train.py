@@ -83,6 +83,12 @@ class Session:
                 f"{p.kind.upper()}: rank {p.rank}, scale {p.scale:g} (alpha {p.scale * p.rank:g}), dropout {p.dropout:g}, "
                 f"{len(p.targets)} modules ({', '.join(p.module_names)}) in layers {p.layers[0]}-{p.layers[-1]} of {p.num_blocks}"
             )
+        elif cfg.fine_tune_type == "full":
+            from mlxft.adapters.targets import full_layers
+
+            blocks, everything = full_layers(b.num_blocks(), cfg.num_layers)
+            scope = "all weights" if everything else f"blocks {blocks[0]}-{blocks[-1]} of {b.num_blocks()} (embeddings frozen)"
+            lines.append(f"FULL fine-tune: {scope}")
         for name, split in self.splits.items():
             extra = f", {split.truncated} truncated to {cfg.max_seq_length} tokens" if split.truncated else ""
             dropped = getattr(split, "dropped", 0)

@@ -21,6 +21,12 @@ FORMATS_HELP = (
 )
 
 
+
+def _json_problem(err) -> str:
+    """json's message plus the column ("Unterminated string starting at" already ends in "at")."""
+    joiner = " " if err.msg.endswith(" at") else " at "
+    return f"{err.msg}{joiner}column {err.colno}"
+
 def _short(value, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -66,7 +72,7 @@ def _loads(text: str, where: str):
     try:
         return _check_unicode(json.loads(text), text, where)
     except json.JSONDecodeError as err:  # "line 1" would mislead in a jsonl line: give the column only
-        raise UserError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+        raise UserError(f"{where}: invalid JSON ({_json_problem(err)})") from None
     except RecursionError:
         raise UserError(f"{where}: invalid JSON (nested too deeply)") from None
 
@@ -95,7 +101,7 @@ def _read_json_array(path: Path, raw: bytes):
     except json.JSONDecodeError as err:
         if err.msg == "Extra data" and text.lstrip().startswith("{"):
             return None
-        raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+        raise UserError(f"{path}:{err.lineno}: invalid JSON ({_json_problem(err)})") from None
     except RecursionError:
         raise UserError(f"{path}: invalid JSON (nested too deeply)") from None
     _check_unicode(data, text, str(path))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlxft.adapters.files import peft_key, split_key
+from mlxft.adapters.files import match_adapter_weights, peft_key
 from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
 from mlxft.errors import UserError
 from torch_backend.device import MemoryMeter, pick_device, pick_dtype, rng_state, set_rng_state
@@ -163,19 +163,9 @@ class TorchBackend:
         return {key: p.detach().to("cpu", torch.float32).numpy().copy() for key, p in self._named_trainable()}
 
     def set_adapter_weights(self, weights: dict) -> None:
-        layers = dict(self._lora_layers())
-        for key, value in weights.items():
-            path, name = split_key(key)
-            if path not in layers or name not in ("lora_A", "lora_B", "lora_magnitude_vector") \
-                    or not hasattr(layers[path], name):
-                raise UserError(f"adapter has weights for module '{path}', which this model has no adapter slot for")
-            current = getattr(layers[path], name)
-            if tuple(current.shape) != tuple(value.shape):
-                raise UserError(
-                    f"adapter module '{path}' {name} has shape {tuple(value.shape)}, the model expects {tuple(current.shape)}"
-                )
+        for layer, name, value in match_adapter_weights(weights, dict(self._lora_layers()), self.plan.kind):
             with torch.no_grad():
-                current.copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)))
+                getattr(layer, name).copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)))
 
     def model_weights(self) -> dict:
         """Every weight under its Hugging Face name, float32 numpy (the saver casts back to the

@@ -40,6 +40,31 @@ def split_key(key: str) -> tuple:
     return path, name
 
 
+ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
+def match_adapter_weights(weights: dict, layers: dict, kind: str) -> list:
+    """[(layer, tensor name, value)] for loading `weights` ({PEFT key: array}) into `layers`
+    ({module path: adapter layer}), after checking every key and shape: the first mismatch is a
+    UserError naming the module.  Shared by both backends; each then only copies the values."""
+    plan = []
+    for key, value in weights.items():
+        path, name = split_key(key)
+        if path not in layers or name not in ADAPTER_TENSORS:
+            raise UserError(f"adapter has weights for module '{path}', which this model has no adapter slot for")
+        current = getattr(layers[path], name, None)
+        if current is None:
+            what = "DoRA" if name == "lora_magnitude_vector" else name
+            raise UserError(f"adapter has {what} weights for module '{path}', which this run's {kind.upper()} layers "
+                            "do not have; set fine_tune_type to match the adapter")
+        if tuple(current.shape) != tuple(value.shape):
+            raise UserError(
+                f"adapter module '{path}' {name} has shape {tuple(value.shape)}, the model expects {tuple(current.shape)}"
+            )
+        plan.append((layers[path], name, value))
+    return plan
+
+
 def adapter_config(plan, base_model: str) -> dict:
     partial = plan.layers != list(range(plan.num_blocks))
     return {

@@ -15,7 +15,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from mlxft.adapters.files import peft_key, split_key
+from mlxft.adapters.files import match_adapter_weights, peft_key
 from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
 from mlxft.errors import UserError
 from mlxft.mlx_backend.dora import DoRALinear
@@ -185,21 +185,8 @@ class MLXBackend:
         return dict(tree_flatten(self.model.parameters()))
 
     def set_adapter_weights(self, weights: dict) -> None:
-        layers = dict(self._lora_layers())
-        for key, value in weights.items():
-            path, name = split_key(key)
-            if path not in layers:
-                raise UserError(f"adapter has weights for module '{path}', which this model has no adapter slot for")
-            if name not in layers[path]:
-                kind = "DoRA" if name == "lora_magnitude_vector" else name
-                raise UserError(f"adapter has {kind} weights for module '{path}', which this run's "
-                                f"{self.plan.kind.upper()} layers do not have; set fine_tune_type to match the adapter")
-            current = getattr(layers[path], name)
-            if tuple(current.shape) != tuple(value.shape):
-                raise UserError(
-                    f"adapter module '{path}' {name} has shape {tuple(value.shape)}, the model expects {tuple(current.shape)}"
-                )
-            setattr(layers[path], name, mx.array(value, dtype=mx.float32))
+        for layer, name, value in match_adapter_weights(weights, dict(self._lora_layers()), self.plan.kind):
+            setattr(layer, name, mx.array(value, dtype=mx.float32))
         mx.eval(self.model.parameters())
 
     def parameter_counts(self) -> tuple:
@@ -283,10 +270,13 @@ class MLXBackend:
         return total, count
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
-        """float32 logits for a (B, T) batch (used by tests and parity checks)."""
+        """float32 logits for a (B, T) batch, dropout off (tests, parity checks); the training
+        mode is restored so a call in the middle of training does not turn LoRA dropout off."""
+        training = self.model.training
         self.model.eval()
-        out = self.model(mx.array(input_ids)).astype(mx.float32)
-        return np.array(out)
+        out = np.array(self.model(mx.array(input_ids)).astype(mx.float32))
+        self.model.train(training)
+        return out
 
     def start_generation(self, prompt_ids: list) -> np.ndarray:
         """New KV cache, prefill `prompt_ids`; float32 logits of the last position, (vocab,)."""

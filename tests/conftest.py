@@ -46,3 +46,24 @@ def wikisql_small(tmp_path):
     (out / "valid.jsonl").write_text("\n".join(valid[:16]) + "\n")
     (out / "test.jsonl").write_text("\n".join(valid[16:32]) + "\n")
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread: two OpenMP threads spin against each other on a busy two-core
+    runner (measured 30x slower).  `pytest.mark.usefixtures("one_torch_thread")` to use it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_wikisql(out: Path, train: int, valid: int) -> Path:
+    """train/valid.jsonl with the first rows of the shipped WikiSQL sample."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("valid", valid)):
+        lines = (WIKISQL / f"{name}.jsonl").read_text().splitlines()[:rows]
+        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return out

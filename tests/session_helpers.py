@@ -39,15 +39,3 @@ def train_losses(out: Path) -> list:
 
 def token_ids(vocab: int, shape=(2, 12), seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(4, vocab, size=shape).astype(np.int64)
-
-
-@pytest.fixture
-def one_torch_thread():
-    """Torch training on one thread: two OpenMP threads spin against each other on a busy
-    two-core runner (test_parity measured 30x slower).  Import it into a test module to use it."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -16,7 +16,7 @@ from mlxft.errors import UserError
 from mlxft.mlx_backend.backend import loss_sum
 from mlxft.mlx_backend.dora import DoRALinear
 from mlxft.train import Session
-from tests.session_helpers import make_config, one_torch_thread, token_ids, train, train_losses  # noqa: F401
+from tests.session_helpers import make_config, token_ids, train, train_losses
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")

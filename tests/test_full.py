@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 
 from mlxft.errors import UserError
 from mlxft.train import Session
-from tests.session_helpers import make_config, one_torch_thread, token_ids, train, train_losses  # noqa: F401
+from tests.session_helpers import make_config, token_ids, train, train_losses
 
 torch = pytest.importorskip("torch")
 

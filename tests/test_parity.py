@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mlxft.data import eval_batches  # noqa: E402
-from tests.conftest import WIKISQL  # noqa: E402
+from tests.conftest import write_wikisql  # noqa: E402
 from tests.session_helpers import train, train_losses  # noqa: E402
 
 PARITY = dict(
@@ -29,21 +29,13 @@ PARITY = dict(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two OpenMP threads spin against each other on a busy two-core runner (measured 30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parity_data")
-    for name, rows in (("train", 64), ("valid", 16)):
-        lines = (WIKISQL / f"{name}.jsonl").read_text().splitlines()[:rows]
-        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    return out
+    return write_wikisql(tmp_path_factory.mktemp("parity_data"), 64, 16)
 
 
 def _records(out) -> list:

@@ -18,7 +18,7 @@ from mlxft.cli import main  # noqa: E402
 from mlxft.data import epoch_batches  # noqa: E402
 from mlxft.errors import UserError  # noqa: E402
 from mlxft.train import Session  # noqa: E402
-from tests.conftest import REPO, WIKISQL  # noqa: E402
+from tests.conftest import REPO, write_wikisql  # noqa: E402
 from tests.session_helpers import make_config  # noqa: E402
 from torch_backend.device import available_devices, pick_device, pick_dtype  # noqa: E402
 from torch_backend.lora import LoRALinear  # noqa: E402
@@ -30,21 +30,13 @@ VAL_FIELDS = {"step", "val_loss", "val_perplexity", "val_tokens", "val_seconds",
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two OpenMP threads spin against each other on a busy two-core runner (measured 30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("torch_data")
-    for name, rows in (("train", 32), ("valid", 8)):
-        lines = (WIKISQL / f"{name}.jsonl").read_text().splitlines()[:rows]
-        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    return out
+    return write_wikisql(tmp_path_factory.mktemp("torch_data"), 32, 8)
 
 
 def cli(*args):

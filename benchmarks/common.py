@@ -1,0 +1,178 @@
+"""Shared pieces of the benchmark scripts: measured subprocesses, per-step records, machine facts.
+
+Every trainer runs as its own process, started here, and is measured the same way:
+- per-step (trained tokens, seconds) pairs come from the trainer's own per-step report
+  (our metrics.jsonl; mlx_lm's and the PEFT runner's JSON lines), so warm-up steps can be
+  left out of steady-state rates;
+- peak RSS comes from the kernel for that one child (`os.wait4`), identical for every trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CACHE = HERE / ".cache"
+PY = sys.executable
+
+
+@dataclass
+class Run:
+    """One trainer process: what it reported and how the kernel saw it."""
+
+    name: str
+    ok: bool
+    wall_seconds: float
+    peak_rss_gb: float
+    steps: list = field(default_factory=list)  # [{"tokens": int, "seconds": float, "loss": float}]
+    peak_memory_gb: float | None = None         # the framework's own accounting, if any
+    extra: dict = field(default_factory=dict)
+    log_tail: str = ""
+
+    def rate(self, warmup: int) -> float:
+        """Trained tokens per second of step time after `warmup` steps."""
+        steady = self.steps[warmup:] or self.steps
+        seconds = sum(s["seconds"] for s in steady)
+        return sum(s["tokens"] for s in steady) / seconds if seconds else 0.0
+
+    def median_step(self, warmup: int) -> float:
+        steady = self.steps[warmup:] or self.steps
+        return statistics.median(s["seconds"] for s in steady) if steady else 0.0
+
+    def to_dict(self, warmup: int) -> dict:
+        out = asdict(self)
+        out.update(tokens_per_second=self.rate(warmup), median_step_seconds=self.median_step(warmup))
+        return out
+
+
+def run_measured(name: str, cmd: list, log: Path, env: dict | None = None, timeout: float = 3600) -> tuple:
+    """Run `cmd`, output to `log`; (exit status, wall seconds, peak RSS GB of that child alone)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
+    tic = time.perf_counter()
+    with open(log, "w") as out:
+        out.write("$ " + " ".join(map(str, cmd)) + "\n")
+        out.flush()
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, env=full_env,
+                                cwd=REPO, start_new_session=True)
+        timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - tic
+    rss = usage.ru_maxrss / (1e9 if sys.platform == "darwin" else 1e6)
+    return proc.returncode, seconds, rss
+
+
+def tail(path: Path, lines: int = 8) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def read_jsonl(path: Path) -> list:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def steps_from_reports(records: list, loss_key: str = "train_loss") -> list:
+    """Per-step {tokens, seconds, loss} from per-step report lines that carry cumulative
+    `trained_tokens` and the step's `tokens_per_second` (our metrics.jsonl; mlx_lm's callback)."""
+    steps, before = [], 0
+    for r in records:
+        if loss_key not in r or not r.get("tokens_per_second"):
+            continue
+        tokens = r["trained_tokens"] - before
+        before = r["trained_tokens"]
+        steps.append({"tokens": tokens, "seconds": tokens / r["tokens_per_second"], "loss": r[loss_key]})
+    return steps
+
+
+# ---------------------------------------------------------------------------------- machine
+def _cmd(args: list) -> str:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or _cmd(["sysctl", "-n", "machdep.cpu.brand_string"]) or "unknown"
+
+
+def ram_gb() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    return 0.0
+
+
+def load_average() -> list:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def versions() -> dict:
+    """Library versions, read from package metadata (nothing imported, no BLAS side effects)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("mlx", "mlx-lm", "torch", "transformers", "peft", "accelerate", "ngsolve-openblas", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine() -> dict:
+    return {"cpu": cpu_model(), "nproc": os.cpu_count(), "ram_gb": round(ram_gb(), 1),
+            "platform": platform.platform(), "load_average": load_average(),
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "versions": versions()}
+
+
+# ---------------------------------------------------------------------------------- model FLOPs
+def train_flops_per_token(model_dir: Path, seq_len: float, adapted_fraction: float = 0.0) -> float:
+    """Model FLOPs of one LoRA training token with a frozen base, as implemented:
+    linears (lm_head included) forward 2N + input-gradient 2N = 4N (frozen weights need no
+    weight gradient), attention score and value matmuls 4·T·d per layer forward, twice that
+    backward (12·L·d·T in all, full T×T as the kernels compute it).  LoRA's rank-r matmuls are
+    <1% here and left out."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    d, layers, ffn, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or d // heads
+    per_layer = d * heads * head_dim * 2 + d * kv * head_dim * 2 + 3 * d * ffn
+    linear = layers * per_layer + d * vocab
+    return 4 * linear + 12 * layers * heads * head_dim * seq_len
+
+
+def fmt_ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if a and b else "n/a"

@@ -1,0 +1,214 @@
+"""benchmarks/results.json -> the generated part of benchmarks/RESULTS.md.
+
+RESULTS.md = generated tables between the markers below + hand-written analysis after them
+(kept as is on regeneration), so rerunning `run_all.py` refreshes figures without losing the
+explanations.  `python benchmarks/report.py` re-renders from results.json without running.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from common import train_flops_per_token
+
+HERE = Path(__file__).resolve().parent
+BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/run_all.py) -->", "<!-- END GENERATED -->"
+TARGETS = {"mlx_lm": 1.2, "peft-trainer": 1.1, "peft-loop": 1.1}
+LABEL = {"mlxft-mlx": "mlxft (MLX)", "mlxft-torch": "mlxft (torch)", "mlx_lm": "mlx_lm lora",
+         "peft-trainer": "PEFT + HF Trainer", "peft-loop": "PEFT plain loop"}
+
+
+def _f(x, fmt="{:.0f}", none="–"):
+    return none if x is None else fmt.format(x)
+
+
+def machine_block(r: dict) -> list:
+    m, after = r.get("machine_before", {}), r.get("machine_after", {})
+    v = m.get("versions", {})
+    busy = max((m.get("load_average") or [0])[:1] + (after.get("load_average") or [0])[:1]) > 0.5 * (m.get("nproc") or 1)
+    meta = r.get("pairs_meta") or r  # the pairs' own settings when a later run redid other suites only
+    lines = [
+        f"- Date: {m.get('date')} → {after.get('date')} ({r.get('elapsed_seconds', 0) / 60:.0f} min; suites last run: "
+        + ", ".join(f"{k} {v}" for k, v in (r.get("suites_run") or {}).items()) + ")",
+        f"- Pairs: mode `{meta.get('mode')}`, {meta.get('steps')} steps per run, first {meta.get('warmup')} left out "
+        f"of rates, {meta.get('reps')} alternating repetition(s) per pair; BLAS/OpenMP threads: {meta.get('threads')}",
+        f"- Machine: {m.get('cpu')}, {m.get('nproc')} CPUs, {m.get('ram_gb')} GB RAM, {m.get('platform')}",
+        f"- Load average (1/5/15 min) before: {m.get('load_average')}, after: {after.get('load_average')}",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+    ]
+    if busy:
+        lines.insert(0, "**PRELIMINARY: the machine was busy (load average above half the CPU count) while "
+                        "these ran; absolute figures are low and noisy. Rerun on a quiet machine.**\n")
+    return lines
+
+
+def peak_block(r: dict) -> list:
+    p = r.get("peak")
+    if not p:
+        return []
+    rows = ["| framework / BLAS | sgemm peak GFLOP/s (best of n=1024, 2048) |", "|---|---|"]
+    for key in ("mlx", "mlx_reference", "torch"):
+        e = p.get(key, {})
+        name = f"MLX + {e.get('blas')}" if key.startswith("mlx") else f"torch ({e.get('threads')} threads)"
+        rows.append(f"| {name} | {_f(e.get('gflops'), '{:.1f}')} |")
+    return ["### Matmul peak (MFU denominator)", "", *rows, ""]
+
+
+def mfu(r: dict, setting: str, rate: float, trainer: str) -> float | None:
+    p = r.get("peak", {})
+    peak = (p.get("torch") if "torch" in trainer or "peft" in trainer else p.get("mlx")) or {}
+    if not peak.get("gflops") or not rate:
+        return None
+    data = r["settings"][setting]["data"]
+    stats_path = HERE / ".cache" / "data" / "stats.json"
+    seq = json.loads(stats_path.read_text())[f"{data}/train"]["mean"] if stats_path.exists() else r["settings"][setting]["seq"]
+    flops = train_flops_per_token(HERE.parent / r["model"], seq)
+    return rate * flops / (peak["gflops"] * 1e9)
+
+
+def pairs_block(r: dict) -> list:
+    pairs = r.get("pairs")
+    if not pairs:
+        return []
+    rows = ["| setting | ours | tok/s | anchor | tok/s | ratio (target) | peak mem ours / anchor (GB, framework) "
+            "| peak RSS ours / anchor (GB) | MFU ours / anchor | loss first→last ours / anchor |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        a, b = p["results"][p["ours"]], p["results"][p["anchor"]]
+        desc = r["settings"][p["setting"]]["describe"]
+        if not (a.get("ok") and b.get("ok")):
+            failed = p["ours"] if not a.get("ok") else p["anchor"]
+            rows.append(f"| {desc} | {LABEL[p['ours']]} | | {LABEL[p['anchor']]} | | **{failed} failed** | | | | |")
+            continue
+        target = TARGETS[p["anchor"]]
+        mark = "✅" if p["ratio"] >= target else "❌"
+        ma, mb = mfu(r, p["setting"], a["tokens_per_second"], p["ours"]), mfu(r, p["setting"], b["tokens_per_second"], p["anchor"])
+        rows.append(
+            f"| {desc} | {LABEL[p['ours']]} | {a['tokens_per_second']:.0f} | {LABEL[p['anchor']]} | "
+            f"{b['tokens_per_second']:.0f} | {mark} {p['ratio']:.2f}x (≥{target}x) | "
+            f"{_f(a['peak_memory_gb'], '{:.2f}')} / {_f(b['peak_memory_gb'], '{:.2f}')} | "
+            f"{a['peak_rss_gb']:.2f} / {b['peak_rss_gb']:.2f} | {_f(ma and 100 * ma, '{:.1f}%')} / "
+            f"{_f(mb and 100 * mb, '{:.1f}%')} | {a['first_loss']:.3f}→{a['last_loss']:.3f} / "
+            f"{_f(b['first_loss'], '{:.3f}')}→{_f(b['last_loss'], '{:.3f}')} |")
+    notes = [
+        "",
+        "tok/s = trained (non-padding) target tokens per second of step time, median over repetitions, "
+        "warm-up steps excluded; mlx_lm's own count includes one padding target per row (its mask), "
+        "subtracted here. Framework peak memory: MLX's allocator peak (`mx.get_peak_memory`); on CPU the "
+        "torch backends report process RSS. Peak RSS: the kernel's figure for that process alone (`wait4`).",
+        "MFU: tok/s × model FLOPs per token (4N for the frozen linears incl. lm_head + 12·L·d·T attention, "
+        "T = mean row length) / the framework's measured sgemm peak.",
+    ]
+    return ["### Trainer vs anchor, identical settings", "", *rows, *notes, ""]
+
+
+def blas_block(r: dict) -> list:
+    b = r.get("blas")
+    if not b:
+        return []
+    s = r["settings"][b["setting"]]["describe"]
+    return ["### BLAS before/after (issue #2)", "",
+            f"Our MLX trainer, {s}, {b['steps']} steps ({b['warmup']} warm-up):", "",
+            "| BLAS | tok/s |", "|---|---|",
+            f"| wheel's reference BLAS (`MLXFT_BLAS=reference`) | {_f(b['reference']['tokens_per_second'], '{:.1f}')} |",
+            f"| OpenBLAS (default) | {_f(b['openblas']['tokens_per_second'], '{:.1f}')} |",
+            f"| mlx_lm lora, reference BLAS | {_f(b['mlx_lm_reference']['tokens_per_second'], '{:.1f}')} |",
+            "", f"Speed-up from OpenBLAS: **{_f(b.get('speedup'), '{:.1f}x')}**", ""]
+
+
+def compile_block(r: dict) -> list:
+    c = r.get("compile")
+    if not c:
+        return []
+    rows = ["| setting | eager (default on CPU) | compiled, cold kernel cache | compiled, warm cache |",
+            "|---|---|---|---|"]
+    for row in c:
+        def cell(k):
+            e = row[k]
+            return (f"{_f(e['tokens_per_second'])} tok/s steady, {_f(e['all_steps_tokens_per_second'])} all steps, "
+                    f"first step {_f(e['first_step_seconds'], '{:.1f}')} s" if e["ok"] else "failed")
+        rows.append(f"| {r['settings'][row['setting']]['describe']} | {cell('eager')} | {cell('compiled_cold')} | "
+                    f"{cell('compiled_warm')} |")
+    return ["### mx.compile vs eager on CPU (`MLXFT_COMPILE=1`)", "", *rows, ""]
+
+
+def profile_block(r: dict) -> list:
+    prof = r.get("profile")
+    if not prof:
+        return []
+    rows = ["| setting / framework | step s | forward s | attention fwd+bwd ×L (share) | softmax fwd ×L (share) "
+            "| vocab cross-entropy fwd+bwd (share) | exp M elem/s |", "|---|---|---|---|---|---|---|"]
+    for key, e in prof.items():
+        if "error" in e:
+            rows.append(f"| {key} | failed | | | | | |")
+            continue
+        rows.append(f"| {key} (B={e['batch']}, T={e['seq']}) | {e['step']:.2f} | {e['forward']:.2f} | "
+                    f"{e['attention']:.2f} ({100 * e['attention_share']:.0f}%) | {e['softmax']:.2f} "
+                    f"({100 * e['softmax_share']:.0f}%) | {e['loss_head']:.2f} ({100 * e['loss_head_share']:.0f}%) | "
+                    f"{e['exp_melem_per_s']:.0f} |")
+    return ["### Profile of one step (benchmarks/profile_step.py)", "", *rows, ""]
+
+
+def bench_block(r: dict) -> list:
+    b = r.get("bench")
+    if not b:
+        return []
+    if "error" in b:
+        return ["### `mlxft bench` (MLX vs torch backend)", "", f"failed: `{b['error'][-300:]}`", ""]
+    rows = ["| backend | device | dtype | tok/s | step ms median (p10–p90) | peak mem GB (framework) | peak RSS GB "
+            "| loss first → last |", "|---|---|---|---|---|---|---|---|"]
+    for name, e in b["backends"].items():
+        st = e["step_time"]
+        rows.append(f"| {name} | {e['device']} | {e['dtype']} | {e['tokens_per_second']:.0f} | {1e3 * st['median']:.0f} "
+                    f"({1e3 * st['p10']:.0f}–{1e3 * st['p90']:.0f}) | {e['peak_memory_gb']:.2f} | {e['peak_rss_gb']:.2f} "
+                    f"| {e['first_loss']:.4f} → {e['last_loss']:.4f} |")
+    notes = [f"`{b['command']}` ({b['steps']} steps, {b['warmup']} warm-up)."]
+    for pair, d in (b.get("loss_difference") or {}).items():
+        notes.append(f"Loss difference {pair} on identical batches: max |Δ| {d['max_abs']:.1e} over {b['steps']} steps.")
+    return ["### `mlxft bench` (MLX vs torch backend, same batches, same LoRA init)", "", *rows, "", *notes, ""]
+
+
+def commands_block(r: dict) -> list:
+    seen, lines = set(), []
+    for p in r.get("pairs", []):
+        for name in (p["ours"], p["anchor"]):
+            cmd = p["results"][name].get("command")
+            if cmd and name not in seen:
+                seen.add(name)
+                lines.append(f"- {LABEL[name]} ({p['setting']}): `{cmd}`")
+    b = r.get("blas")
+    if b:
+        lines.append(f"- BLAS before: `MLXFT_BLAS=reference {b['reference']['command']}`")
+    for row in r.get("compile", []):
+        lines.append(f"- compiled ({row['setting']}): `MLXFT_COMPILE=1 TMPDIR=<fresh dir> {row['command']}`")
+    if isinstance(r.get("threads"), int):
+        n = r["threads"]
+        lines.insert(0, f"- every process ran with `OMP_NUM_THREADS={n} OPENBLAS_NUM_THREADS={n} MKL_NUM_THREADS={n}` "
+                        f"(`run_all.py --threads {n}`)")
+    return ["### Exact commands (one per trainer; the other settings change data/batch/length/keys/ckpt)", "", *lines, ""]
+
+
+def generated(r: dict) -> str:
+    parts = ["## Figures", "", *machine_block(r), "", *peak_block(r), *pairs_block(r), *blas_block(r),
+             *compile_block(r), *bench_block(r), *profile_block(r), *commands_block(r)]
+    return "\n".join(parts)
+
+
+def write_results_md(results: dict, path: Path) -> None:
+    head = ("# Benchmarks\n\nRegenerate: `python benchmarks/make_bench_model.py && python benchmarks/run_all.py` "
+            "(`--quick` for a smoke pass). See the analysis below the figures.\n\n")
+    tail = "\n## Analysis\n\n(write the analysis here; it is kept when figures are regenerated)\n"
+    if path.exists():
+        text = path.read_text()
+        if BEGIN in text and END in text:
+            head = text.split(BEGIN)[0]
+            tail = text.split(END, 1)[1]
+    path.write_text(f"{head}{BEGIN}\n{generated(results)}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    results_path = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "results.json"
+    write_results_md(json.loads(results_path.read_text()), HERE / "RESULTS.md")
+    print(f"Wrote {HERE / 'RESULTS.md'}")

@@ -160,18 +160,19 @@ def machine() -> dict:
 
 # ---------------------------------------------------------------------------------- model FLOPs
 def train_flops_per_token(model_dir: Path, seq_len: float, adapted_fraction: float = 0.0) -> float:
-    """Model FLOPs of one LoRA training token with a frozen base, as implemented:
+    """Model FLOPs of one LoRA training token with a frozen base:
     linears (lm_head included) forward 2N + input-gradient 2N = 4N (frozen weights need no
-    weight gradient), attention score and value matmuls 4·T·d per layer forward, twice that
-    backward (12·L·d·T in all, full T×T as the kernels compute it).  LoRA's rank-r matmuls are
-    <1% here and left out."""
+    weight gradient); attention score and value matmuls 4·T·d per layer forward and twice that
+    backward, halved for the causal mask (6·L·d·T, the usual convention: kernels that skip the
+    masked half, like torch's SDPA, do not do that work).  LoRA's rank-r matmuls are <1% here
+    and left out."""
     cfg = json.loads((model_dir / "config.json").read_text())
     d, layers, ffn, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or d // heads
     per_layer = d * heads * head_dim * 2 + d * kv * head_dim * 2 + 3 * d * ffn
     linear = layers * per_layer + d * vocab
-    return 4 * linear + 12 * layers * heads * head_dim * seq_len
+    return 4 * linear + 6 * layers * heads * head_dim * seq_len
 
 
 def fmt_ratio(a: float, b: float) -> str:

@@ -98,8 +98,9 @@ def pairs_block(r: dict) -> list:
         "warm-up steps excluded; mlx_lm's own count includes one padding target per row (its mask), "
         "subtracted here. Framework peak memory: MLX's allocator peak (`mx.get_peak_memory`); on CPU the "
         "torch backends report process RSS. Peak RSS: the kernel's figure for that process alone (`wait4`).",
-        "MFU: tok/s × model FLOPs per token (4N for the frozen linears incl. lm_head + 12·L·d·T attention, "
-        "T = mean row length) / the framework's measured sgemm peak.",
+        "MFU: tok/s × model FLOPs per token (4N for the frozen linears incl. lm_head + 6·L·d·T causal attention, "
+        "T = mean row length) / the framework's measured sgemm peak (n×n products, so shapes where a BLAS does "
+        "better than on squares can read high).",
     ]
     return ["### Trainer vs anchor, identical settings", "", *rows, *notes, ""]
 

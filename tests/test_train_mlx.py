@@ -149,3 +149,17 @@ def test_fresh_run_replaces_metrics(stories, wikisql_small, tmp_path):
         session(stories, wikisql_small, out, iters=4, steps_per_report=2, steps_per_eval=4).train()
     steps = [r["step"] for r in read_metrics(out)]
     assert steps == [0, 2, 4, 4], steps  # one run's curve, not two appended
+
+
+def test_grad_checkpoint_stays_on_its_model_and_refuses_dropout(tiny_llama, wikisql_small, tmp_path):
+    from mlxft.errors import UserError
+
+    s = session(tiny_llama, wikisql_small, tmp_path / "a", grad_checkpoint=True)
+    s.backend.setup_training(s.cfg)
+    other = session(tiny_llama, wikisql_small, tmp_path / "b")
+    assert type(s.backend.model.layers[0]).__name__.startswith("Checkpointed")
+    assert not type(other.backend.model.layers[0]).__name__.startswith("Checkpointed")  # no class-wide patch
+    dropout = session(tiny_llama, wikisql_small, tmp_path / "c", grad_checkpoint=True,
+                      lora={"rank": 4, "alpha": 8, "dropout": 0.1})
+    with pytest.raises(UserError, match="grad_checkpoint with lora_parameters.dropout > 0"):
+        dropout.backend.setup_training(dropout.cfg)

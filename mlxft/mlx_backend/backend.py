@@ -47,12 +47,10 @@ def load_mlx_model(model_path: Path, dtype: str = "auto", trust_remote_code: boo
     return model, config
 
 
-def _checkpoint_blocks(block: nn.Module) -> None:
-    """Recompute each transformer block's activations in the backward pass (mx.checkpoint).
-    Patches the block class once, as mlx-lm does: all blocks share it."""
-    cls = type(block)
-    if getattr(cls, "_mlxft_checkpointed", False):
-        return
+def _checkpointed_class(cls):
+    """A subclass of the block class whose __call__ recomputes activations in the backward
+    pass (mx.checkpoint).  Assigned per instance, so other models in the process (mlx-lm patches
+    the shared class for good) are untouched."""
     forward = cls.__call__
 
     def checkpointed(module, *args, **kwargs):
@@ -62,8 +60,19 @@ def _checkpoint_blocks(block: nn.Module) -> None:
 
         return mx.checkpoint(inner)(module.trainable_parameters(), *args, **kwargs)
 
-    cls.__call__ = checkpointed
-    cls._mlxft_checkpointed = True
+    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": checkpointed})
+
+
+def _checkpoint_blocks(blocks) -> None:
+    """Recompute each transformer block's activations in the backward pass."""
+    classes = {}
+    for block in blocks:
+        cls = type(block)
+        if cls.__name__.startswith("Checkpointed"):
+            continue
+        if cls not in classes:
+            classes[cls] = _checkpointed_class(cls)
+        block.__class__ = classes[cls]
 
 
 def use_compile() -> bool:
@@ -216,7 +225,13 @@ class MLXBackend:
         else:
             self.optimizer = optim.SGD(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, **extra)
         if cfg.grad_checkpoint:
-            _checkpoint_blocks(self.model.layers[0])
+            if cfg.fine_tune_type != "full" and cfg.lora_dropout > 0:
+                # mx.checkpoint re-draws dropout masks when it recomputes a block, so the gradients
+                # would belong to other masks than the loss (measured: wrong by O(1) on a toy block).
+                raise UserError("grad_checkpoint with lora_parameters.dropout > 0 gives wrong gradients on the MLX "
+                                "backend (the recomputation draws new dropout masks); set dropout: 0.0, turn "
+                                "grad_checkpoint off, or use --backend torch")
+            _checkpoint_blocks(self.model.layers)
         self.model.train()
         model, optimizer, clip = self.model, self.optimizer, cfg.grad_clip
         value_and_grad = nn.value_and_grad(model, loss_sum)

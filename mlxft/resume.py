@@ -143,6 +143,30 @@ def check_compatible(checkpoint: Path, saved: dict, now: dict) -> list:
 
 
 # --------------------------------------------------------------------------- RNG
+# Optimizer state in checkpoints: torch's slot names under each trainable parameter's PEFT key
+# (`K.exp_avg`, `K.exp_avg_sq`, `K.momentum_buffer`) plus `step`, whichever backend wrote it.
+OPTIMIZER_SLOTS = {"adamw": ("exp_avg", "exp_avg_sq"), "adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
+
+
+def optimizer_steps(state: dict) -> int:
+    if "step" not in state:
+        raise UserError("optimizer state has no 'step'; it was not written by mlxft")
+    return int(np.asarray(state["step"]).reshape(-1)[0])
+
+
+def optimizer_slot(state: dict, key: str, shape: tuple, required: bool, kind: str):
+    """The saved value for `key` checked against the parameter's shape; None when absent and
+    not `required` (a run saved before its first step, or SGD without momentum)."""
+    value = state.get(key)
+    if value is None:
+        if required:
+            raise UserError(f"optimizer state has no '{key}': it was saved for another adapter or optimizer ({kind} now)")
+        return None
+    if tuple(value.shape) != tuple(shape):
+        raise UserError(f"optimizer state '{key}' has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    return np.asarray(value)
+
+
 def numpy_rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"numpy.keys": np.asarray(keys, dtype=np.uint32), "numpy.pos": np.array([pos], dtype=np.int64),

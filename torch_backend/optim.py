@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from mlxft.errors import UserError
+from mlxft.resume import OPTIMIZER_SLOTS, optimizer_slot, optimizer_steps
 
 _OPTIONS = {"adamw": ("betas", "eps", "bias_correction"), "adam": ("betas", "eps", "bias_correction"),
             "sgd": ("momentum", "dampening", "nesterov")}
-_STATE = {"adamw": ("exp_avg", "exp_avg_sq"), "adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 
 
 def make_optimizer(cfg, params: list) -> torch.optim.Optimizer:
@@ -44,7 +44,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer, named: list, kind: str, st
     out = {"step": np.array([steps], dtype=np.int64)}
     for key, param in named:
         state = optimizer.state.get(param, {})
-        for name in _STATE[kind]:
+        for name in OPTIMIZER_SLOTS[kind]:
             value = state.get(name)
             if value is not None:
                 out[f"{key}.{name}"] = value.detach().to("cpu", torch.float32).numpy().copy()  # a snapshot, not a view
@@ -53,23 +53,14 @@ def optimizer_state(optimizer: torch.optim.Optimizer, named: list, kind: str, st
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, named: list, kind: str, state: dict) -> int:
     """Restore what `optimizer_state` wrote; returns the step count."""
-    if "step" not in state:
-        raise UserError("optimizer state has no 'step'; it was not written by mlxft")
-    steps = int(np.asarray(state["step"]).reshape(-1)[0])
+    steps = optimizer_steps(state)
     momentum = kind != "sgd" or optimizer.defaults.get("momentum", 0)
     for key, param in named:
         restored = {}
-        for name in _STATE[kind]:
-            value = state.get(f"{key}.{name}")
-            if value is None:
-                if steps and momentum:
-                    raise UserError(
-                        f"optimizer state has no '{key}.{name}': it was saved for another adapter or optimizer ({kind} now)"
-                    )
-                continue
-            if tuple(value.shape) != tuple(param.shape):
-                raise UserError(f"optimizer state '{key}.{name}' has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
-            restored[name] = torch.tensor(np.asarray(value), dtype=param.dtype, device=param.device)
+        for name in OPTIMIZER_SLOTS[kind]:
+            value = optimizer_slot(state, f"{key}.{name}", param.shape, bool(steps and momentum), kind)
+            if value is not None:
+                restored[name] = torch.tensor(value, dtype=param.dtype, device=param.device)
         if kind != "sgd" and restored:
             restored["step"] = torch.tensor(float(steps))
         if restored:

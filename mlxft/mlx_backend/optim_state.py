@@ -12,24 +12,22 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlxft.adapters.files import peft_key
-from mlxft.errors import UserError
+from mlxft.adapters.files import ADAPTER_TENSORS, peft_key
+from mlxft.resume import OPTIMIZER_SLOTS, optimizer_slot, optimizer_steps
 
-_ADAPTER_NAMES = ("lora_A", "lora_B", "lora_magnitude_vector")
-_SLOTS = {"adam": {"m": "exp_avg", "v": "exp_avg_sq"}, "adamw": {"m": "exp_avg", "v": "exp_avg_sq"},
-          "sgd": {"v": "momentum_buffer"}}
+_MLX_NAMES = {"adam": ("m", "v"), "adamw": ("m", "v"), "sgd": ("v",)}  # MLX's names for OPTIMIZER_SLOTS
 
 
 def param_key(path: str) -> str:
     """MLX parameter path -> PEFT key for adapter weights, the Hugging Face name otherwise (full)."""
     module, _, name = path.rpartition(".")
-    return peft_key(module, name) if name in _ADAPTER_NAMES else path
+    return peft_key(module, name) if name in ADAPTER_TENSORS else path
 
 
 def _slots(optimizer, kind: str) -> dict:
     if kind == "sgd" and not float(getattr(optimizer, "momentum", 0.0) or 0.0):
         return {}  # plain SGD keeps a `v` it never uses; torch keeps none
-    return _SLOTS[kind]
+    return dict(zip(_MLX_NAMES[kind], OPTIMIZER_SLOTS[kind]))
 
 
 def export_state(optimizer, kind: str) -> dict:
@@ -51,24 +49,14 @@ def _set(tree, path: str, value) -> None:
 
 def import_state(optimizer, kind: str, trainable: dict, state: dict) -> None:
     """Fill `optimizer.state` in place (compiled steps hold a reference to that dict)."""
-    if "step" not in state:
-        raise UserError("optimizer state has no 'step'; it was not written by mlxft")
+    steps = optimizer_steps(state)
     optimizer.init(trainable)
     slots = _slots(optimizer, kind)
-    steps = int(np.asarray(state["step"]).reshape(-1)[0])
     for path, current in tree_flatten(optimizer.state):
         param, _, slot = path.rpartition(".")
-        if not param or slot not in slots:
-            continue
-        key = f"{param_key(param)}.{slots[slot]}"
-        value = state.get(key)
-        if value is None:
-            if steps:
-                raise UserError(f"optimizer state has no '{key}': it was saved for another adapter or optimizer "
-                                f"({kind} now)")
-            continue
-        if tuple(value.shape) != tuple(current.shape):
-            raise UserError(f"optimizer state '{key}' has shape {tuple(value.shape)}, expected {tuple(current.shape)}")
-        _set(optimizer.state, path, mx.array(np.asarray(value)).astype(current.dtype))
+        if param and slot in slots:
+            value = optimizer_slot(state, f"{param_key(param)}.{slots[slot]}", current.shape, bool(steps), kind)
+            if value is not None:
+                _set(optimizer.state, path, mx.array(value).astype(current.dtype))
     optimizer.state["step"] = mx.array(steps, dtype=mx.uint64)
     mx.eval(optimizer.state)

@@ -204,6 +204,11 @@ class TorchBackend:
         self.optimizer = make_optimizer(cfg, params)
         self._clip = cfg.grad_clip
         self._steps = 0
+        self.training_notes = []
+        if self._device.type == "cpu":  # same page-fault tax as MLX's CPU steps (mlxft._malloc)
+            from mlxft import _malloc
+
+            self.training_notes = [f"allocator: {_malloc.tune()}"]
         if cfg.grad_checkpoint:
             # non-reentrant: gradients reach the LoRA weights without the inputs requiring grad
             kwargs = {"use_reentrant": False}

@@ -127,6 +127,7 @@ class Session:
         for line in self.header(iters, len(first_epoch), padding_fraction(first_epoch)) + [self.memory_line(longest)]:
             reporter.echo(line)
         backend.setup_training(cfg)
+        notes += getattr(backend, "training_notes", [])
         if restored:
             notes += self._restore(*restored)
             notes.append(f"Resuming from {self.checkpoint} at step {pos.step} (epoch {pos.epoch}, batch {pos.index})")

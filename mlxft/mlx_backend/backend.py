@@ -6,6 +6,7 @@ adapter weights, memory).  Everything that is not tensor work lives in backend-n
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlxft.adapters.files import match_adapter_weights, peft_key
 from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
 from mlxft.errors import UserError
+from mlxft.mlx_backend.attention import fast_attention
 from mlxft.mlx_backend.dora import DoRALinear
 from mlxft.mlx_backend.lora import LoRALinear, linear_shape
+from mlxft.mlx_backend.loss import HeadLoss, loss_sum
 from mlxft.models import read_model_config
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -75,6 +78,16 @@ def _checkpoint_blocks(blocks) -> None:
         block.__class__ = classes[cls]
 
 
+def cpu_kernels() -> bool:
+    """Whether the CPU-specific fast paths are on: eager steps on the CPU, unless
+    MLXFT_CPU_KERNELS=0 (for A/B runs and for ruling them out when debugging)."""
+    import os
+
+    if os.environ.get("MLXFT_CPU_KERNELS", "1").lower() in ("0", "false", "no"):
+        return False
+    return mx.default_device().type == mx.cpu and not use_compile()
+
+
 def use_compile() -> bool:
     """mx.compile pays on the GPU.  On the CPU every new batch shape costs a C++ kernel build
     (seconds), and length-sorted batches have many shapes: measured 2.4k tok/s compiled vs
@@ -87,13 +100,6 @@ def use_compile() -> bool:
     return mx.default_device().type == mx.gpu
 
 
-def loss_sum(model, inputs, targets, mask):
-    """Sum of token cross-entropies over trained positions, and their count."""
-    logits = model(inputs).astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits, targets) * mask
-    return losses.sum(), mask.sum()
-
-
 class MLXBackend:
     name = "mlx"
 
@@ -104,6 +110,8 @@ class MLXBackend:
         self.optimizer = None
         self._step = None
         self._eval = None
+        self._loss = loss_sum
+        self.training_notes = []
 
     # ---------------------------------------------------------------- load
     @property
@@ -234,7 +242,12 @@ class MLXBackend:
             _checkpoint_blocks(self.model.layers)
         self.model.train()
         model, optimizer, clip = self.model, self.optimizer, cfg.grad_clip
-        value_and_grad = nn.value_and_grad(model, loss_sum)
+        self._loss = self._choose_loss()
+        if mx.default_device().type == mx.cpu:
+            from mlxft import _malloc
+
+            self.training_notes = [self._cpu_note(_malloc.tune())]
+        value_and_grad = nn.value_and_grad(model, self._loss)
         state = [model.state, optimizer.state, mx.random.state]
 
         compiled = partial(mx.compile, inputs=state, outputs=state) if use_compile() else (lambda f: f)
@@ -256,15 +269,36 @@ class MLXBackend:
 
         self._grads_of, self._apply, self._state = grads_of, apply, state
 
+    def _choose_loss(self):
+        """The CPU trains with the chunked head loss (mlxft.mlx_backend.loss: no second exp
+        pass, no full logits), when it is exact for this model; the GPU keeps the compiled plain
+        loss, whose exp is cheap there.  MLXFT_CPU_KERNELS=0 turns the CPU paths off."""
+        if cpu_kernels():
+            head = HeadLoss.of(self.model)
+            if head is not None:
+                return head
+        return loss_sum
+
+    def _cpu_note(self, allocator: str) -> str:
+        if not cpu_kernels():
+            return f"CPU paths: off (MLXFT_CPU_KERNELS=0 or compiled); allocator: {allocator}"
+        loss = "chunked head loss" if isinstance(self._loss, HeadLoss) else "plain loss (head not split)"
+        return f"CPU paths: {loss}, power-exp attention; allocator: {allocator}"
+
+    def _kernels(self):
+        """The CPU's attention for the steps built inside (mlxft.mlx_backend.attention)."""
+        return fast_attention(self.model) if cpu_kernels() else contextlib.nullcontext()
+
     def train_step(self, batches: list, lr: float) -> tuple:
         """One optimizer step over `batches` (the grad-accumulation group).
         Returns (sum of token losses, trained tokens, gradient norm)."""
         self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
         acc, total, count = None, mx.array(0.0), mx.array(0.0)
-        for batch in batches:
-            t, c, g = self._grads_of(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
-            acc = g if acc is None else tree_map(mx.add, acc, g)
-            total, count = total + t, count + c
+        with self._kernels():
+            for batch in batches:
+                t, c, g = self._grads_of(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+                acc = g if acc is None else tree_map(mx.add, acc, g)
+                total, count = total + t, count + c
         norm = self._apply(acc, count)
         mx.eval(self._state, total, count, norm)
         return total.item(), int(count.item()), norm.item()
@@ -273,12 +307,13 @@ class MLXBackend:
         """(sum of token losses, token count) over `batches`, dropout off."""
         self.model.eval()
         total, count = 0.0, 0
-        fn = self._eval or partial(loss_sum, self.model)
+        fn = self._eval or partial(self._loss, self.model)
         if self._eval is None and use_compile():
             fn = mx.compile(fn, inputs=self.model.state)
         self._eval = fn
         for batch in batches:
-            t, c = fn(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+            with self._kernels():
+                t, c = fn(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
             mx.eval(t, c)
             total, count = total + t.item(), count + int(c.item())
         self.model.train()

@@ -14,8 +14,14 @@ Prints, as JSON: exp throughput (mx.exp vs poly, eager and mx.compile'd), max re
 the vocabulary cross-entropy forward+backward on (tokens, vocab) logits with mx.exp vs with the
 polynomial exp (a mx.custom_function whose backward reuses the forward's normaliser), and one
 block's causal attention forward+backward: MLX's SDPA vs matmul + polynomial softmax + matmul.
-Result on the 2-core dev box (RESULTS.md): the exp itself is 8x faster compiled, but neither
-drop-in beats MLX's own ops within a step yet.
+Result on the 2-core dev box (RESULTS.md): the exp itself is 8x faster compiled on cache-sized
+tensors, but neither drop-in beats MLX's own ops within a step.  Why, found later: mx.compile
+fuses at most 11 ops deep (`max_compile_depth` in mlx/compile.cpp) and cannot fuse the bit-cast
+(`mx.view`), so this exp runs as ~5 kernels, each a full pass over memory; above ~2 M elements
+it drops to mx.exp's speed.  And MLX's exp is slow for a simple reason: its wheel is built for
+baseline x86-64 without FMA, so the 6 fma calls of its polynomial are software (`fmaf`).  What
+the product ships instead (mlxft/mlx_backend/loss.py, attention.py): `2 ** (x log2 e)` through
+MLX's power op (libm's powf, ~3x mx.exp, one pass) and fewer exp passes altogether.
 """
 
 from __future__ import annotations

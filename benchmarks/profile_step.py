@@ -7,11 +7,14 @@ backend (`mlxft.train.Session`, LoRA r8 on all linear modules):
   step      backend.train_step (forward, backward, optimizer)
   forward   the loss alone
   fwd_bwd   loss and LoRA gradients, no optimizer
-  attention the model's attention op (causal SDPA) on (B, heads, T, head_dim), forward and
-            backward, times the number of blocks: its share of the step is `attention_share`
-  softmax   softmax alone on (B, heads, T, T) forward, times blocks (`softmax_share`)
-  loss_head cross-entropy over the vocabulary on (B, T, vocab) logits, forward and backward
-            (`loss_head_share`): a logsumexp, i.e. vocab-many exp per token
+  attention the attention the step runs on (B, heads, T, head_dim), forward and backward,
+            times the number of blocks (`attention_share`); MLX: ours on the CPU
+            (mlxft.mlx_backend.attention), with MLX's own SDPA as `attention_mlx_sdpa`
+  softmax   the softmax's exp part alone on (B, heads, T, T) forward, times blocks
+            (`softmax_share`); MLX: ours, with `softmax_mlx` for mx.softmax
+  loss_head output head matmul + cross-entropy over the vocabulary, forward and backward
+            (`loss_head_share`); MLX: the chunked head loss, with the plain one as
+            `loss_head_plain`
   exp       elementwise exp throughput (M elements/s) on the attention-score tensor
 """
 
@@ -58,34 +61,51 @@ def profile_mlx(args) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from mlxft.mlx_backend.backend import loss_sum
+    from mlxft.mlx_backend.attention import causal_attention, shifted_exp
+    from mlxft.mlx_backend.loss import chunked_cross_entropy
 
     s, batch = session("mlx", args)
-    model, cfg = s.backend.model, s.backend.config
+    backend = s.backend
+    model, cfg, loss = backend.model, backend.config, backend._loss  # the loss our step trains with
     inputs, targets, mask = mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask)
     B, T = batch.inputs.shape
     H = cfg["num_attention_heads"]
     D = cfg["hidden_size"] // H
     L = cfg["num_hidden_layers"]
-    grad = nn.value_and_grad(model, loss_sum)
+    grad = nn.value_and_grad(model, loss)
     V = cfg["vocab_size"]
-    logits = mx.random.normal((B, T, V))
-    ce_grad = mx.grad(lambda x: (nn.losses.cross_entropy(x, targets) * mask).sum())
+    weight = mx.random.normal((V, cfg["hidden_size"])) * 0.02
+    hidden = mx.random.normal((B * T, cfg["hidden_size"]))
+    flat_t, flat_m = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
+    plain_head = mx.grad(lambda h: (nn.losses.cross_entropy(h @ weight.T, flat_t) * flat_m).sum())
+    chunked_head = mx.grad(lambda h: chunked_cross_entropy(h, weight, flat_t, flat_m))
     q, k, v = (mx.random.normal((B, H, T, D)) for _ in range(3))
     scores = mx.random.normal((B, H, T, T))
-    mx.eval(q, k, v, scores, logits)
+    mx.eval(q, k, v, scores, weight, hidden)
 
-    def attn(q, k, v):
+    def sdpa(q, k, v):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5, mask="causal").sum()
 
-    attn_grad = mx.grad(attn, argnums=(0, 1, 2))
+    def ours(q, k, v):
+        return causal_attention(q, k, v, D**-0.5).sum()
+
+    def in_step(fn):  # our attention is swapped in only inside the backend's steps
+        def run():
+            with backend._kernels():
+                out = fn()
+            mx.eval(out)
+        return run
+
     out = {
-        "step": timed(lambda: s.backend.train_step([batch], 1e-4), args.repeats),
-        "forward": timed(lambda: mx.eval(loss_sum(model, inputs, targets, mask)), args.repeats),
-        "fwd_bwd": timed(lambda: mx.eval(grad(model, inputs, targets, mask)), args.repeats),
-        "attention": L * timed(lambda: mx.eval(attn_grad(q, k, v)), args.repeats),
-        "softmax": L * timed(lambda: mx.eval(mx.softmax(scores, axis=-1)), args.repeats),
-        "loss_head": timed(lambda: mx.eval(ce_grad(logits)), args.repeats),
+        "step": timed(lambda: backend.train_step([batch], 1e-4), args.repeats),
+        "forward": timed(in_step(lambda: loss(model, inputs, targets, mask)), args.repeats),
+        "fwd_bwd": timed(in_step(lambda: grad(model, inputs, targets, mask)), args.repeats),
+        "attention": L * timed(lambda: mx.eval(mx.grad(ours, argnums=(0, 1, 2))(q, k, v)), args.repeats),
+        "attention_mlx_sdpa": L * timed(lambda: mx.eval(mx.grad(sdpa, argnums=(0, 1, 2))(q, k, v)), args.repeats),
+        "softmax": L * timed(lambda: mx.eval(shifted_exp(scores).sum(-1)), args.repeats),
+        "softmax_mlx": L * timed(lambda: mx.eval(mx.softmax(scores, axis=-1)), args.repeats),
+        "loss_head": timed(lambda: mx.eval(chunked_head(hidden)), args.repeats),
+        "loss_head_plain": timed(lambda: mx.eval(plain_head(hidden)), args.repeats),
     }
     exp_s = timed(lambda: mx.eval(mx.exp(scores)), args.repeats)
     out["exp_melem_per_s"] = scores.size / exp_s / 1e6
@@ -103,12 +123,13 @@ def profile_torch(args) -> dict:
     D = hf.hidden_size // H
     q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
     scores = torch.randn(B, H, T, T)
-    logits = torch.randn(B * T, hf.vocab_size, requires_grad=True)
+    weight = torch.randn(hf.vocab_size, hf.hidden_size) * 0.02
+    hidden = torch.randn(B * T, hf.hidden_size, requires_grad=True)
     targets = torch.as_tensor(batch.targets, dtype=torch.long).flatten()
     mask = torch.as_tensor(batch.mask).flatten()
 
     def loss_head():
-        (F.cross_entropy(logits, targets, reduction="none") * mask).sum().backward()
+        (F.cross_entropy(hidden @ weight.T, targets, reduction="none") * mask).sum().backward()
 
     def attn():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()

@@ -13,6 +13,8 @@ repetitions so drift in machine load hits both sides):
            transformers Trainer (and a plain PEFT loop on the anchor setting);
 - blas:    our MLX trainer with MLXFT_BLAS=reference (the wheel's BLAS) vs OpenBLAS;
 - compile: our MLX trainer with MLXFT_COMPILE=1 (cold kernel cache, then warm) vs eager;
+- attribution: on the anchor setting, each of our CPU levers off in turn (MLXFT_MALLOC=system,
+           MLXFT_CPU_KERNELS=0), and the anchors run with the same allocator thresholds;
 - bench:   `mlxft bench` itself: MLX vs torch backend on configs/bench_40m.yaml;
 - peak:    the measured sgemm peak of MLX+OpenBLAS and of torch (MFU denominators);
 - profile: where an MLX step's time goes (forward / backward / attention softmax) vs torch.
@@ -228,6 +230,37 @@ def suite_compile(names, steps: int, warmup: int) -> list:
     return out
 
 
+GLIBC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+ATTRIBUTION = (  # (trainer, label, env): where the gains come from, on the anchor setting
+    ("mlxft-mlx", "mlxft (MLX), default", {}),
+    ("mlxft-mlx", "mlxft (MLX), allocator untouched", {"MLXFT_MALLOC": "system"}),
+    ("mlxft-mlx", "mlxft (MLX), CPU loss/attention paths off", {"MLXFT_CPU_KERNELS": "0"}),
+    ("mlxft-mlx", "mlxft (MLX), both off", {"MLXFT_MALLOC": "system", "MLXFT_CPU_KERNELS": "0"}),
+    ("mlx_lm", "mlx_lm lora, as shipped", {}),
+    ("mlx_lm", "mlx_lm lora + our allocator thresholds (glibc env)", GLIBC_KEEP),
+    ("mlxft-torch", "mlxft (torch), default", {}),
+    ("mlxft-torch", "mlxft (torch), allocator untouched", {"MLXFT_MALLOC": "system"}),
+    ("peft-trainer", "PEFT + HF Trainer, as shipped", {}),
+    ("peft-trainer", "PEFT + HF Trainer + our allocator thresholds (glibc env)", GLIBC_KEEP),
+)
+
+
+def suite_attribution(steps: int, warmup: int) -> dict:
+    """Each CPU lever switched off in turn, and the anchors given the same allocator thresholds
+    (glibc's MALLOC_*_ environment variables), on the anchor setting: which part of a ratio is
+    the trainer's own work and which is the allocator."""
+    s = SETTINGS["p512-b4"]
+    print(f"[attribution] {s.describe()}, {steps} steps", flush=True)
+    rows = []
+    for i, (trainer, label, env) in enumerate(ATTRIBUTION):
+        run = run_trainer(trainer, s, steps, f"attribution/{i}-{trainer}", env=env or None)
+        rows.append({"trainer": trainer, "label": label, "env": env, "ok": run.ok,
+                     "tokens_per_second": run.rate(warmup) if run.ok else None,
+                     "peak_memory_gb": run.peak_memory_gb, "peak_rss_gb": run.peak_rss_gb,
+                     "command": run.extra["command"]})
+    return {"setting": s.name, "steps": steps, "warmup": warmup, "rows": rows}
+
+
 def suite_bench(steps: int, warmup: int) -> dict:
     """`mlxft bench` itself (MLX vs torch backend, identical batches) on configs/bench_40m.yaml."""
     print(f"[bench] mlxft bench --config configs/bench_40m.yaml, {steps} steps", flush=True)
@@ -273,7 +306,7 @@ def suite_profile(names, repeats: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer steps, one repetition, a subset of settings")
-    p.add_argument("--only", default="peak,pairs,blas,compile,bench,profile", help="comma-separated suites")
+    p.add_argument("--only", default="peak,pairs,attribution,blas,compile,bench,profile", help="comma-separated suites")
     p.add_argument("--steps", type=int, help="steps per run (default: 16, quick 5)")
     p.add_argument("--warmup", type=int, help="leading steps left out of rates (default: 4, quick 2)")
     p.add_argument("--reps", type=int, help="alternating repetitions per pair (default: 2, quick 1)")
@@ -312,6 +345,8 @@ def main(argv=None) -> int:
         results["blas"] = suite_blas(max(3, steps // 3), 1)
     if "compile" in suites:
         results["compile"] = suite_compile(["raw-b4"] if args.quick else ["raw-b4", "p512-b4"], steps, warmup)
+    if "attribution" in suites:
+        results["attribution"] = suite_attribution(steps, warmup)
     if "bench" in suites:
         results["bench"] = suite_bench(steps, warmup)
     if "profile" in suites:

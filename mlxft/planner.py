@@ -240,9 +240,12 @@ def _plan_without_init(linears, num_blocks, cfg):
 
 
 # --------------------------------------------------------------------------- machine
-def machine_memory() -> tuple:
-    """(bytes usable for training, what that number is)."""
+def machine_memory(backend: str = "mlx") -> tuple:
+    """(bytes usable for training, what that number is).  Only the MLX backend asks MLX about
+    Metal: a torch run must not import MLX (mlxft/__init__.py says why)."""
     try:
+        if backend != "mlx":
+            raise ImportError
         import mlx.core as mx
 
         if mx.metal.is_available():
@@ -306,7 +309,7 @@ def plan_lines(cfg, model_dir: Path, longest: int) -> list:
     """The `--dry-run` report."""
     tensors = model_tensors(model_dir)
     est = estimate(cfg, model_dir, longest, tensors)
-    budget, what = machine_memory()
+    budget, what = machine_memory(cfg.backend)
     lines = [f"Memory plan for {cfg.model} ({cfg.fine_tune_type}, batch {est.batch_size} x {est.tokens} tokens, "
              f"grad_checkpoint {'on' if est.grad_checkpoint else 'off'}):"]
     for name, value in est.parts():

@@ -107,7 +107,7 @@ class Session:
         try:
             tensors = planner.model_tensors(self.model_path)
             est = planner.estimate(self.cfg, self.model_path, longest, tensors)
-            budget, what = planner.machine_memory()
+            budget, what = planner.machine_memory(self.cfg.backend)
             advice = planner.knobs(self.cfg, self.model_path, longest, budget, tensors) if est.total > 0.75 * budget else []
         except (UserError, KeyError, ValueError, TypeError) as err:
             self.estimate = None

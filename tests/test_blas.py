@@ -38,3 +38,13 @@ def test_openblas_gives_same_matmul():
 def test_info_command_names_blas():
     out = subprocess.run([sys.executable, "-m", "mlxft", "info"], capture_output=True, text=True, timeout=120)
     assert "BLAS:" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux-only route")
+def test_openblas_waits_for_mlx_and_stays_out_of_torch_processes():
+    # libtorch exports sgemm_ & co.: a process-wide OpenBLAS would take over torch's matmuls
+    code = ("import mlxft, mlxft._blas as b, torch, ctypes; print(b._STATE['name']); "
+            "import mlx.core; print(b._STATE['name'])")
+    out = run({}, code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "OpenBLAS"], out.stdout

@@ -311,6 +311,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, help="leading steps left out of rates (default: 4, quick 2)")
     p.add_argument("--reps", type=int, help="alternating repetitions per pair (default: 2, quick 1)")
     p.add_argument("--pairs", help="only these settings, e.g. raw-b4,p2048-b1")
+    p.add_argument("--ours", help="only pairs of these trainers of ours, e.g. mlxft-torch (the other pairs' "
+                   "records in --out are kept)")
     p.add_argument("--threads", type=int, help="pin every BLAS/OpenMP pool to N threads (default: the "
                    "libraries' own choice = all cores). 1 keeps figures meaningful on a busy machine: "
                    "spinning thread pools collapse when another process holds a core")
@@ -329,6 +331,8 @@ def main(argv=None) -> int:
     pairs = QUICK_PAIRS if args.quick else PAIRS
     if args.pairs:
         pairs = [t for t in PAIRS if t[0] in args.pairs.split(",")]
+    if args.ours:
+        pairs = [t for t in pairs if t[1] in args.ours.split(",")]
     tic = time.time()
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     results = {**previous, "machine_before": machine(), "mode": "quick" if args.quick else "full", "steps": steps,
@@ -338,7 +342,10 @@ def main(argv=None) -> int:
     if "peak" in suites:
         results["peak"] = suite_peak()
     if "pairs" in suites:
-        results["pairs"] = suite_pairs(pairs, steps, warmup, reps)
+        fresh = suite_pairs(pairs, steps, warmup, reps)
+        key = lambda p: (p["setting"], p["ours"], p["anchor"])  # noqa: E731
+        redone = {key(p) for p in fresh}
+        results["pairs"] = [p for p in previous.get("pairs", []) if key(p) not in redone] + fresh
         results["pairs_meta"] = {"mode": results["mode"], "steps": steps, "warmup": warmup, "reps": reps,
                                  "threads": results["threads"]}
     if "blas" in suites:

@@ -27,8 +27,11 @@ def _f(x, fmt="{:.0f}", none="–"):
 def machine_block(r: dict) -> list:
     m, after = r.get("machine_before", {}), r.get("machine_after", {})
     v = m.get("versions", {})
-    busy = max((m.get("load_average") or [0])[:1] + (after.get("load_average") or [0])[:1]) > 0.5 * (m.get("nproc") or 1)
     meta = r.get("pairs_meta") or r  # the pairs' own settings when a later run redid other suites only
+    # the run itself keeps `threads` cores busy (all of them by default): only load beyond that
+    # at its end means another job shared the machine
+    own = meta.get("threads") if isinstance(meta.get("threads"), int) else (m.get("nproc") or 1)
+    busy = (after.get("load_average") or [0])[0] > own + 0.5
     lines = [
         f"- Date: {m.get('date')} → {after.get('date')} ({r.get('elapsed_seconds', 0) / 60:.0f} min; suites last run: "
         + ", ".join(f"{k} {v}" for k, v in (r.get("suites_run") or {}).items()) + ")",
@@ -39,7 +42,7 @@ def machine_block(r: dict) -> list:
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
     ]
     if busy:
-        lines.insert(0, "**PRELIMINARY: the machine was busy (load average above half the CPU count) while "
+        lines.insert(0, "**PRELIMINARY: the machine was busy (load average above what the run itself makes) while "
                         "these ran; absolute figures are low and noisy. Rerun on a quiet machine.**\n")
     return lines
 

@@ -240,21 +240,25 @@ def _plan_without_init(linears, num_blocks, cfg):
 
 
 # --------------------------------------------------------------------------- machine
-def machine_memory(backend: str = "mlx") -> tuple:
-    """(bytes usable for training, what that number is).  Only the MLX backend asks MLX about
-    Metal: a torch run must not import MLX (mlxft/__init__.py says why)."""
+def _metal_working_set() -> int:
+    """Metal's recommended working set in bytes; 0 without MLX or a Metal device."""
     try:
-        if backend != "mlx":
-            raise ImportError
         import mlx.core as mx
 
         if mx.metal.is_available():
-            info = mx.metal.device_info()
-            limit = int(info.get("max_recommended_working_set_size", 0))
-            if limit:
-                return limit, "Metal recommended working set"
+            return int(mx.metal.device_info().get("max_recommended_working_set_size", 0))
     except Exception:  # noqa: BLE001 - mlx missing or no device info: fall back to RAM
         pass
+    return 0
+
+
+def machine_memory(backend: str = "mlx") -> tuple:
+    """(bytes usable for training, what that number is).  Only the MLX backend asks MLX about
+    Metal: a torch run must not import MLX (mlxft/__init__.py says why)."""
+    if backend == "mlx":
+        limit = _metal_working_set()
+        if limit:
+            return limit, "Metal recommended working set"
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "RAM"
     except (ValueError, OSError, AttributeError):

@@ -4,9 +4,14 @@
         [--batch-size 4] [--max-seq-length 512] [--iters 20] [--rank 8] [--alpha 16]
         [--keys q_proj,v_proj] [--grad-checkpoint] [--learning-rate 1e-4] [--seed 0]
 
---mode trainer: `transformers.Trainer` (AdamW, constant LR, group_by_length to cut padding,
-  padded batches with an attention mask, labels -100 on padding): what a PEFT tutorial does.
---mode loop: a plain loop over length-sorted batches (torch.optim.AdamW): the leanest PEFT.
+--mode trainer: `transformers.Trainer` (AdamW, constant LR, padded batches with an attention
+  mask, labels -100 on padding): what a PEFT tutorial does.
+--mode loop: a plain loop (torch.optim.AdamW): the leanest PEFT.
+Both train on the batches our trainers train on, in the same order (length-sorted chunks in a
+seeded order: `batch_order`): tokens/s grows with row length, so a comparison on other rows
+(e.g. the Trainer's group_by_length, which starts with its longest rows) would not be like for
+like.  The Trainer gets them as a dataset whose items are whole batches, read in order (its
+"sequential" sampler, one item per step: a last short chunk stays one step, as in ours).
 Each step writes {"step", "tokens", "seconds", "loss"}; tokens are trained (non-padding)
 targets, counted as our trainer counts them (len - 1 per row).  All linear modules of every
 block when --keys is not given, as for the other trainers.
@@ -68,28 +73,32 @@ def peft_model(args):
     return model
 
 
-def run_loop(args, model, rows, pad_id, out) -> None:
+def batch_order(rows: list, batch_size: int, seed: int, steps: int) -> list:
+    """Row indices of the first `steps` batches, as mlxft.data.epoch_batches makes them:
+    length-sorted chunks, their order permuted by (seed, epoch)."""
     order = np.argsort([len(r) for r in rows], kind="stable")
-    chunks = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-    rng = np.random.default_rng(args.seed)
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, epoch = [], 0
+    while len(batches) < steps:
+        batches += [chunks[i] for i in np.random.default_rng((seed, epoch)).permutation(len(chunks))]
+        epoch += 1
+    return batches[:steps]
+
+
+def run_loop(args, model, rows, pad_id, out) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=0.0)
     model.train()
-    step = 0
-    while step < args.iters:
-        for idx in rng.permutation(len(chunks)):
-            if step >= args.iters:
-                break
-            batch = collate([rows[i] for i in chunks[idx]], pad_id)
-            tic = time.perf_counter()
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            seconds = time.perf_counter() - tic
-            step += 1
-            out.write(json.dumps({"step": step, "tokens": trained_tokens(batch), "seconds": seconds,
-                                  "loss": loss.item()}) + "\n")
+    for step, chunk in enumerate(batch_order(rows, args.batch_size, args.seed, args.iters), 1):
+        batch = collate([rows[i] for i in chunk], pad_id)
+        tic = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - tic
+        out.write(json.dumps({"step": step, "tokens": trained_tokens(batch), "seconds": seconds,
+                              "loss": loss.item()}) + "\n")
 
 
 def run_trainer(args, model, rows, pad_id, out) -> None:
@@ -97,8 +106,8 @@ def run_trainer(args, model, rows, pad_id, out) -> None:
 
     counts: list = []
 
-    def collator(features):
-        batch = collate([f["input_ids"] for f in features], pad_id)
+    def collator(features):  # one feature = one of our batches
+        batch = collate([rows[i] for i in features[0]["rows"]], pad_id)
         counts.append(trained_tokens(batch))
         return batch
 
@@ -122,14 +131,15 @@ def run_trainer(args, model, rows, pad_id, out) -> None:
                 self.losses[state.global_step] = logs["loss"]
 
     training_args = TrainingArguments(
-        output_dir=str(Path(args.metrics).parent / "hf_trainer_out"), per_device_train_batch_size=args.batch_size,
+        output_dir=str(Path(args.metrics).parent / "hf_trainer_out"), per_device_train_batch_size=1,
         max_steps=args.iters, learning_rate=args.learning_rate, weight_decay=0.0, lr_scheduler_type="constant",
         warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length", remove_unused_columns=False, use_cpu=True, seed=args.seed,
+        train_sampling_strategy="sequential", remove_unused_columns=False, use_cpu=True, seed=args.seed,
         disable_tqdm=True, optim="adamw_torch",
     )
     timer = Timer()
-    trainer = Trainer(model=model, args=training_args, train_dataset=[{"input_ids": r} for r in rows],
+    ordered = [{"rows": chunk} for chunk in batch_order(rows, args.batch_size, args.seed, args.iters)]
+    trainer = Trainer(model=model, args=training_args, train_dataset=ordered,
                       data_collator=collator, callbacks=[timer])
     trainer.train()
     for i, seconds in enumerate(timer.seconds):

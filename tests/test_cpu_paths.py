@@ -55,8 +55,8 @@ def llama(tiny_llama):
 
 
 def test_head_loss_splits_an_untied_llama_exactly(llama):
-    head = HeadLoss.of(llama)
-    assert head is not None and head.head_weight() is llama.lm_head.weight
+    head = HeadLoss.of(llama, chunked=True)
+    assert head is not None and head.chunked and head.head_weight() is llama.lm_head.weight
     inputs = mx.array([[5, 9, 14, 20, 33, 41], [7, 7, 8, 100, 3, 3]])
     targets = mx.roll(inputs, -1, axis=1)
     mask = mx.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], dtype=mx.float32)
@@ -69,10 +69,10 @@ def test_head_loss_splits_an_untied_llama_exactly(llama):
 def test_head_loss_declines_what_it_cannot_split(tiny_llama, stories):
     tied, _ = load_mlx_model(stories)  # stories260K ties its embeddings: the split uses embed_tokens
     tied.freeze()
-    assert HeadLoss.of(tied).head_weight() is tied.model.embed_tokens.weight
+    assert HeadLoss.of(tied, chunked=True).head_weight() is tied.model.embed_tokens.weight
 
-    trainable, _ = load_mlx_model(tiny_llama)  # full fine-tuning trains the head: no frozen weight
-    assert HeadLoss.of(trainable) is None
+    trainable, _ = load_mlx_model(tiny_llama)  # full fine-tuning trains the head: split, not chunked
+    assert not HeadLoss.of(trainable, chunked=True).chunked
 
     class ScaledLogits(type(trainable)):  # an architecture that scales its logits fails the probe
         def __call__(self, inputs, *args, **kwargs):
@@ -81,7 +81,7 @@ def test_head_loss_declines_what_it_cannot_split(tiny_llama, stories):
     scaled, _ = load_mlx_model(tiny_llama)
     scaled.freeze()
     scaled.__class__ = ScaledLogits
-    assert HeadLoss.of(scaled) is None
+    assert HeadLoss.of(scaled) is None and HeadLoss.of(scaled, chunked=True) is None
 
 
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (4, 2)])

@@ -21,6 +21,7 @@ from torch import nn
 
 from mlxft.adapters.files import match_adapter_weights, peft_key
 from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
+from mlxft.data.batching import head_rows, head_rows_note
 from mlxft.errors import UserError
 from torch_backend.device import MemoryMeter, pick_device, pick_dtype, rng_state, set_rng_state
 from torch_backend.dora import DoRALinear
@@ -86,6 +87,7 @@ class TorchBackend:
         self._checkpointing = False
         self._training = None
         self._generation = None
+        self._split = None  # (body, head) when the output head can run on trained positions only
 
     # ---------------------------------------------------------------- load
     @property
@@ -204,11 +206,13 @@ class TorchBackend:
         self.optimizer = make_optimizer(cfg, params)
         self._clip = cfg.grad_clip
         self._steps = 0
-        self.training_notes = []
+        self._split = self._split_head()
+        self.training_notes = ["output head: " + (head_rows_note() if self._split else
+                                                  "inside the model, on every position (its logits are not head(body(x)))")]
         if self._device.type == "cpu":  # same page-fault tax as MLX's CPU steps (mlxft._malloc)
             from mlxft import _malloc
 
-            self.training_notes = [f"allocator: {_malloc.tune()}"]
+            self.training_notes.insert(0, f"allocator: {_malloc.tune()}")
         if cfg.grad_checkpoint:
             # non-reentrant: gradients reach the LoRA weights without the inputs requiring grad
             kwargs = {"use_reentrant": False}
@@ -222,13 +226,44 @@ class TorchBackend:
             self._checkpointing = True
             self._training = None
 
+    @torch.no_grad()
+    def _split_head(self):
+        """(body, head) when model(x).logits == head(body(x)) on a probe, so the head can run on
+        the trained positions only (as on MLX: mlxft.mlx_backend.loss.HeadLoss); None for an
+        architecture that scales or soft-caps its logits, or has no such parts."""
+        body, head = getattr(self.model, "base_model", None), self.model.get_output_embeddings()
+        if body is None or body is self.model or head is None:
+            return None
+        training = self._training
+        self._set_training(False)
+        probe = torch.arange(1, 9, device=self._device)[None] % self.model.config.vocab_size
+        try:
+            direct = self.model(input_ids=probe, use_cache=False).logits.float()
+            split = head(body(input_ids=probe, use_cache=False).last_hidden_state).float()
+            same = direct.shape == split.shape and torch.allclose(direct, split, rtol=1e-4, atol=1e-4)
+        except (TypeError, ValueError, AttributeError, RuntimeError):
+            same = False
+        finally:
+            if training is not None:
+                self._set_training(training)
+        return (body, head) if same else None
+
     def _loss_sum(self, batch) -> torch.Tensor:
         inputs = torch.as_tensor(batch.inputs, dtype=torch.long, device=self._device)
-        targets = torch.as_tensor(batch.targets, dtype=torch.long, device=self._device)
-        mask = torch.as_tensor(batch.mask, dtype=torch.float32, device=self._device)
-        logits = self.model(input_ids=inputs, use_cache=False).logits.float()
-        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-        return (losses * mask.flatten()).sum()
+        targets = torch.as_tensor(batch.targets, dtype=torch.long, device=self._device).flatten()
+        mask = torch.as_tensor(batch.mask, dtype=torch.float32, device=self._device).flatten()
+        if self._split is None:
+            logits = self.model(input_ids=inputs, use_cache=False).logits.flatten(0, 1)
+        else:
+            body, head = self._split
+            hidden = body(input_ids=inputs, use_cache=False).last_hidden_state.flatten(0, 1)
+            rows = head_rows(batch.mask)
+            if rows is not None:
+                rows = torch.as_tensor(rows, dtype=torch.long, device=self._device)
+                hidden, targets, mask = hidden[rows], targets[rows], mask[rows]
+            logits = head(hidden)
+        losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        return (losses * mask).sum()
 
     def train_step(self, batches: list, lr: float) -> tuple:
         """One optimizer step over the grad-accumulation group: (loss sum, trained tokens, grad norm)."""

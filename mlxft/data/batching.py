@@ -7,6 +7,7 @@ batch list a pure function of its arguments, so a resumed run replays exactly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,33 @@ def make_batch(sequences, masks, pad_id: int) -> Batch:
         tokens[row, : len(seq)] = seq
         target[row, : len(seq)] = m
     return Batch(tokens[:, :-1], tokens[:, 1:], target[:, 1:].astype(np.float32), lengths)
+
+
+def head_rows(mask: np.ndarray, multiple: int = 1, most: float = 0.95):
+    """Flat (B*T) indices of the positions that carry a target, or None when nearly all do
+    (or when MLXFT_HEAD_ROWS=0, for A/B runs).
+
+    The output head and the loss need to run only there.  With a prompt masked (chat,
+    completions) that is often a minority of the positions, and the head is the widest matmul
+    of a small model (dim x vocab per position).  `multiple` rounds the count up with an
+    untrained position (mask 0, so it adds nothing) so that compiled steps see few shapes."""
+    if os.environ.get("MLXFT_HEAD_ROWS", "1").lower() in ("0", "false", "no"):
+        return None
+    flat = mask.reshape(-1)
+    rows = np.flatnonzero(flat)
+    if rows.size > most * flat.size:
+        return None
+    extra = -rows.size % multiple
+    if extra:
+        rows = np.concatenate([rows, np.repeat(np.flatnonzero(flat == 0)[:1], extra)])
+    return rows.astype(np.int32)
+
+
+def head_rows_note() -> str:
+    """For the training header: where the output head runs when the model lets it be split."""
+    if head_rows(np.zeros(2, np.float32)) is None:
+        return "on every position (MLXFT_HEAD_ROWS=0)"
+    return "on trained positions only"
 
 
 def _chunks(split, batch_size: int) -> list[np.ndarray]:

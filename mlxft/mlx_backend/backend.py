@@ -7,6 +7,7 @@ adapter weights, memory).  Everything that is not tensor work lives in backend-n
 from __future__ import annotations
 
 import contextlib
+import os
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxft.adapters.files import match_adapter_weights, peft_key
 from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
+from mlxft.data.batching import head_rows, head_rows_note
 from mlxft.errors import UserError
 from mlxft.mlx_backend.attention import fast_attention
 from mlxft.mlx_backend.dora import DoRALinear
@@ -81,8 +83,6 @@ def _checkpoint_blocks(blocks) -> None:
 def cpu_kernels() -> bool:
     """Whether the CPU-specific fast paths are on: eager steps on the CPU, unless
     MLXFT_CPU_KERNELS=0 (for A/B runs and for ruling them out when debugging)."""
-    import os
-
     if os.environ.get("MLXFT_CPU_KERNELS", "1").lower() in ("0", "false", "no"):
         return False
     return mx.default_device().type == mx.cpu and not use_compile()
@@ -92,8 +92,6 @@ def use_compile() -> bool:
     """mx.compile pays on the GPU.  On the CPU every new batch shape costs a C++ kernel build
     (seconds), and length-sorted batches have many shapes: measured 2.4k tok/s compiled vs
     5.7k eager on stories260K/WikiSQL, so the CPU runs eagerly.  MLXFT_COMPILE=1/0 overrides."""
-    import os
-
     flag = os.environ.get("MLXFT_COMPILE")
     if flag is not None:
         return flag.lower() not in ("0", "false", "no")
@@ -243,18 +241,19 @@ class MLXBackend:
         self.model.train()
         model, optimizer, clip = self.model, self.optimizer, cfg.grad_clip
         self._loss = self._choose_loss()
+        self.training_notes = [self.head_note()]
         if mx.default_device().type == mx.cpu:
             from mlxft import _malloc
 
-            self.training_notes = [self._cpu_note(_malloc.tune())]
+            self.training_notes.insert(0, self._cpu_note(_malloc.tune()))
         value_and_grad = nn.value_and_grad(model, self._loss)
         state = [model.state, optimizer.state, mx.random.state]
 
         compiled = partial(mx.compile, inputs=state, outputs=state) if use_compile() else (lambda f: f)
 
         @compiled
-        def grads_of(inputs, targets, mask):
-            (total, count), grads = value_and_grad(model, inputs, targets, mask)
+        def grads_of(inputs, targets, mask, *rows):
+            (total, count), grads = value_and_grad(model, inputs, targets, mask, *rows)
             return total, count, grads
 
         @compiled
@@ -270,20 +269,28 @@ class MLXBackend:
         self._grads_of, self._apply, self._state = grads_of, apply, state
 
     def _choose_loss(self):
-        """The CPU trains with the chunked head loss (mlxft.mlx_backend.loss: no second exp
-        pass, no full logits), when it is exact for this model; the GPU keeps the compiled plain
-        loss, whose exp is cheap there.  MLXFT_CPU_KERNELS=0 turns the CPU paths off."""
-        if cpu_kernels():
-            head = HeadLoss.of(self.model)
-            if head is not None:
-                return head
-        return loss_sum
+        """The head split off the model when that is exact for it (mlxft.mlx_backend.loss): the
+        head then runs on trained rows only (`head_rows`; MLXFT_HEAD_ROWS=0: on every row), and
+        on the CPU as the chunked head loss (no second exp pass, no full logits; off with
+        MLXFT_CPU_KERNELS=0).  Otherwise the plain loss."""
+        return HeadLoss.of(self.model, chunked=cpu_kernels()) or loss_sum
+
+    def _rows(self, batch) -> tuple:
+        """The extra step argument: trained positions, when the head runs on those only."""
+        if not isinstance(self._loss, HeadLoss):
+            return ()
+        rows = head_rows(batch.mask, multiple=32 if use_compile() else 1)
+        return () if rows is None else (mx.array(rows),)
+
+    def head_note(self) -> str:
+        if not isinstance(self._loss, HeadLoss):
+            return "output head: inside the model, on every position (its logits are not head(body(x)))"
+        return f"output head: {head_rows_note()}" + (", chunked cross-entropy" if self._loss.chunked else "")
 
     def _cpu_note(self, allocator: str) -> str:
         if not cpu_kernels():
             return f"CPU paths: off (MLXFT_CPU_KERNELS=0 or compiled); allocator: {allocator}"
-        loss = "chunked head loss" if isinstance(self._loss, HeadLoss) else "plain loss (head not split)"
-        return f"CPU paths: {loss}, power-exp attention; allocator: {allocator}"
+        return f"CPU paths: power-exp attention; allocator: {allocator}"
 
     def _kernels(self):
         """The CPU's attention for the steps built inside (mlxft.mlx_backend.attention)."""
@@ -296,7 +303,8 @@ class MLXBackend:
         acc, total, count = None, mx.array(0.0), mx.array(0.0)
         with self._kernels():
             for batch in batches:
-                t, c, g = self._grads_of(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+                t, c, g = self._grads_of(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask),
+                                         *self._rows(batch))
                 acc = g if acc is None else tree_map(mx.add, acc, g)
                 total, count = total + t, count + c
         norm = self._apply(acc, count)
@@ -313,7 +321,7 @@ class MLXBackend:
         self._eval = fn
         for batch in batches:
             with self._kernels():
-                t, c = fn(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+                t, c = fn(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask), *self._rows(batch))
             mx.eval(t, c)
             total, count = total + t.item(), count + int(c.item())
         self.model.train()

@@ -1,9 +1,10 @@
 """The training loss on MLX: token cross-entropy summed over trained positions.
 
 Two ways to the same number.  `loss_sum` calls the model and `nn.losses.cross_entropy`, as
-mlx-lm does.  `HeadLoss` runs the model's body, then the output head and the cross-entropy a
-chunk of rows at a time, and is what the CPU trains with, for three reasons measured on the
-40M bench model (4 x 470 tokens, 32000-token vocabulary; benchmarks/RESULTS.md):
+mlx-lm does.  `HeadLoss` runs the model's body, then the output head and the cross-entropy
+on the trained rows only (every device).  On the CPU it runs them a chunk of rows at a time
+(`chunked_cross_entropy`), for three reasons measured on the 40M bench model (4 x 470 tokens,
+32000-token vocabulary; benchmarks/RESULTS.md):
 
 - exp.  MLX's CPU exp runs ~110 M elements/s (the wheel is built for baseline x86-64, so its
   polynomial's fma calls are software), and the loss head needs 32000 per token twice: once
@@ -67,58 +68,84 @@ def chunked_cross_entropy(hidden: mx.array, weight: mx.array, targets: mx.array,
 
 
 class HeadLoss:
-    """loss_sum with the output head split off the model: body(inputs) -> hidden, then
-    `chunked_cross_entropy` against the head's weight.
+    """loss_sum with the output head split off the model: body(inputs) -> hidden, then the
+    head and the cross-entropy on the trained rows only (`rows`, from
+    `mlxft.data.batching.head_rows`).  With a prompt masked, most positions carry no target,
+    and the head (dim x vocab per row: a third of the 40M bench model's step) is skipped there.
 
-    `HeadLoss.of(model)` returns None unless the split is exact for this model: a plain,
-    frozen, bias-free float head (an nn.Linear lm_head or tied nn.Embedding), and model(x)
-    equal to body(x) @ W.T on a probe (an architecture that scales or soft-caps its logits fails
-    the probe and keeps the plain loss)."""
+    `chunked` runs `chunked_cross_entropy` against the head's weight (the CPU path); otherwise
+    the head module itself (nn.Linear, a quantized head, a tied embedding's `as_linear`) and
+    MLX's cross-entropy.  `HeadLoss.of(model)` returns None unless the split is exact for this
+    model: model(x) equal to head(body(x)) on a probe (an architecture that scales or soft-caps
+    its logits fails the probe and keeps the plain loss)."""
 
-    def __init__(self, body, head_weight):
-        self.body, self.head_weight = body, head_weight
+    def __init__(self, body, project, head_weight=None):
+        self.body, self.project, self.head_weight = body, project, head_weight
 
-    def __call__(self, model, inputs, targets, mask):
+    @property
+    def chunked(self) -> bool:
+        return self.head_weight is not None
+
+    def __call__(self, model, inputs, targets, mask, rows=None):
         hidden = self.body(inputs)
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        total = chunked_cross_entropy(flat, self.head_weight(), targets.reshape(-1),
-                                      mask.reshape(-1).astype(mx.float32))
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        targets, mask = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
+        if rows is not None:
+            hidden, targets, mask = hidden[rows], targets[rows], mask[rows]
+        if self.chunked:
+            total = chunked_cross_entropy(hidden, self.head_weight(), targets, mask)
+        else:
+            logits = self.project(hidden).astype(mx.float32)
+            total = (nn.losses.cross_entropy(logits, targets) * mask).sum()
         return total, mask.sum()
 
     @classmethod
-    def of(cls, model) -> "HeadLoss | None":
+    def of(cls, model, chunked: bool = False) -> "HeadLoss | None":
+        """The split for this model, or None.  `chunked` asks for the chunked cross-entropy,
+        granted for a plain, frozen, bias-free float head (nn.Linear lm_head or tied nn.Embedding)."""
         body = getattr(model, "model", None)
         if body is None or not callable(body):
             return None
         head = getattr(model, "lm_head", None)
         if head is None:
             embed = getattr(body, "embed_tokens", None)
-            if type(embed) is not nn.Embedding:
+            if not hasattr(embed, "as_linear"):
                 return None
+
+            def project(h):
+                return body.embed_tokens.as_linear(h)
 
             def weight():
                 return body.embed_tokens.weight
+
+            plain, name = type(embed) is nn.Embedding, "model.embed_tokens.weight"
         else:
-            if type(head) is not nn.Linear or "bias" in head:
+            if not callable(head):
                 return None
+
+            def project(h):
+                return model.lm_head(h)
 
             def weight():
                 return model.lm_head.weight
-        name = "model.embed_tokens.weight" if head is None else "lm_head.weight"
-        if not mx.issubdtype(weight().dtype, mx.floating) or name in dict(tree_flatten(model.trainable_parameters())):
-            return None
-        probe = mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]) % weight().shape[0]
+
+            plain, name = type(head) is nn.Linear and "bias" not in head, "lm_head.weight"
+        chunkable = (chunked and plain and mx.issubdtype(weight().dtype, mx.floating)
+                     and name not in dict(tree_flatten(model.trainable_parameters())))
+        split = cls(body, project, weight if chunkable else None)
+        return split if split._exact(model) else None
+
+    def _exact(self, model) -> bool:
+        """model(probe) == head(body(probe)), dropout off (two deterministic forwards)."""
+        vocab = getattr(model, "args", None) and getattr(model.args, "vocab_size", None)
+        probe = mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]) % (vocab or 8)
         training = model.training
-        model.eval()  # dropout off: the probe compares two deterministic forwards
+        model.eval()
         try:
             direct = model(probe).astype(mx.float32)
-            split = (body(probe) @ weight().T).astype(mx.float32)
-            same = direct.shape == split.shape and mx.allclose(direct, split, rtol=1e-4, atol=1e-4).item()
-        except Exception:  # an architecture whose body needs other arguments
-            same = False
+            split = self.project(self.body(probe)).astype(mx.float32)
+            return direct.shape == split.shape and mx.allclose(direct, split, rtol=1e-4, atol=1e-4).item()
+        except Exception:  # an architecture whose body or head needs other arguments
+            return False
         finally:
             model.train(training)
-        if not same:
-            return None
-        return cls(body, weight)
-

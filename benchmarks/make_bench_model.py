@@ -12,7 +12,13 @@ people fine-tune on a laptop CPU.  This writes
   .cache/data/raw/       WikiSQL rows as shipped (train/valid.jsonl);
   .cache/data/packed512/ rows concatenated to <= 480 tokens  (for max_seq_length 512);
   .cache/data/packed1024/                      <= 990 tokens  (max_seq_length 1024);
-  .cache/data/packed2048/                      <= 2000 tokens (max_seq_length 2048).
+  .cache/data/packed2048/                      <= 2000 tokens (max_seq_length 2048);
+  .cache/data/completions/ the raw rows as {"prompt": table + question, "completion": "A: SQL"},
+                         for prompt-masked training (about a quarter of each row is trained).
+
+The tokenizer carries a minimal chat template (BOS, the turns' contents back to back, EOS after
+the assistant's), because mlx_lm reads prompt/completion rows through a chat template only;
+every trainer then sees "<s>" + prompt + completion + "</s>", as for a text row.
 
 Idempotent: existing outputs are kept unless --force.  Takes ~1 minute on 2 cores.
 """
@@ -37,6 +43,8 @@ WIKISQL = REPO / "examples" / "data" / "wikisql"
 VOCAB = 32000
 DIMS = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
             intermediate_size=1376, max_position_embeddings=2048, tie_word_embeddings=True)
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}")
 # name -> (max_seq_length, packed row budget in tokens; None = raw rows)
 DATASETS = {"raw": (512, None), "packed512": (512, 480), "packed1024": (1024, 990), "packed2048": (2048, 2000)}
 
@@ -76,6 +84,7 @@ def build_tokenizer(out: Path):
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return fast
 
@@ -132,6 +141,27 @@ def write_data(tokenizer) -> dict:
     return stats
 
 
+def ensure_chat_template(model_dir: Path) -> None:
+    """Give a model built before the template existed the same template (idempotent)."""
+    path = model_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("chat_template") != CHAT_TEMPLATE and not (model_dir / "chat_template.jinja").exists():
+        config["chat_template"] = CHAT_TEMPLATE
+        path.write_text(json.dumps(config, indent=2))
+
+
+def write_completions() -> None:
+    """The raw rows split before "A: ": the prompt is table, columns and question."""
+    folder = DATA_DIR / "completions"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid"):
+        rows = []
+        for text in _rows(split):
+            cut = text.index("\nA: ") + 1
+            rows.append(json.dumps({"prompt": text[:cut], "completion": text[cut:]}) + "\n")
+        (folder / f"{split}.jsonl").write_text("".join(rows))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if outputs exist")
@@ -148,7 +178,10 @@ def main(argv=None) -> int:
         params = build_model(tmp, len(tokenizer))
         os.replace(tmp, MODEL_DIR)
         print(f"model: {MODEL_DIR} ({params / 1e6:.1f}M parameters)")
+    ensure_chat_template(MODEL_DIR)
     tokenizer = AutoTokenizer.from_pretrained(str(MODEL_DIR))
+    if not (DATA_DIR / "completions" / "valid.jsonl").exists():
+        write_completions()
     if not (DATA_DIR / "packed2048" / "valid.jsonl").exists():
         stats = write_data(tokenizer)
         (DATA_DIR / "stats.json").write_text(json.dumps(stats, indent=1))

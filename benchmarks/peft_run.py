@@ -2,7 +2,7 @@
 
     python benchmarks/peft_run.py --mode trainer|loop --model DIR --data DIR --metrics OUT.jsonl
         [--batch-size 4] [--max-seq-length 512] [--iters 20] [--rank 8] [--alpha 16]
-        [--keys q_proj,v_proj] [--grad-checkpoint] [--learning-rate 1e-4] [--seed 0]
+        [--keys q_proj,v_proj] [--grad-checkpoint] [--mask-prompt] [--learning-rate 1e-4] [--seed 0]
 
 --mode trainer: `transformers.Trainer` (AdamW, constant LR, padded batches with an attention
   mask, labels -100 on padding): what a PEFT tutorial does.
@@ -30,17 +30,31 @@ import torch
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def load_rows(data: Path, tokenizer, max_len: int) -> list:
-    """Token ids per `text` row of train.jsonl, BOS from the tokenizer, EOS appended, truncated."""
-    rows = []
+def load_rows(data: Path, tokenizer, max_len: int, mask_prompt: bool = False) -> tuple:
+    """(token ids per row of train.jsonl, untrained leading tokens per row), truncated.
+
+    `text` rows: BOS from the tokenizer, EOS appended, all trained.  `prompt`/`completion`
+    rows (--mask-prompt): rendered by the tokenizer's chat template, as mlx_lm and our trainer
+    render them; the prompt's tokens (the template's rendering of the user turn) are untrained."""
+    rows, masked = [], []
     for line in (data / "train.jsonl").read_text().splitlines():
-        if line.strip():
-            ids = tokenizer(json.loads(line)["text"])["input_ids"] + [tokenizer.eos_token_id]
-            rows.append(ids[:max_len])
-    return rows
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if "text" in record:
+            ids, n = tokenizer(record["text"])["input_ids"] + [tokenizer.eos_token_id], 0
+        else:
+            turns = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+            ids = tokenizer(tokenizer.apply_chat_template(turns, tokenize=False), add_special_tokens=False)["input_ids"]
+            prompt = tokenizer.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
+            n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if mask_prompt else 0
+        rows.append(ids[:max_len])
+        masked.append(n)
+    return rows, masked
 
 
-def collate(rows: list, pad_id: int) -> dict:
+def collate(rows: list, pad_id: int, masked=None) -> dict:
+    """Right-padded ids, attention mask, labels (-100 on padding and on masked prompt tokens)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -48,6 +62,7 @@ def collate(rows: list, pad_id: int) -> dict:
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         labels[i, : len(r)] = torch.tensor(r)
+        labels[i, : masked[i] if masked else 0] = -100
         attention[i, : len(r)] = 1
     return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
@@ -85,12 +100,12 @@ def batch_order(rows: list, batch_size: int, seed: int, steps: int) -> list:
     return batches[:steps]
 
 
-def run_loop(args, model, rows, pad_id, out) -> None:
+def run_loop(args, model, rows, masked, pad_id, out) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=0.0)
     model.train()
     for step, chunk in enumerate(batch_order(rows, args.batch_size, args.seed, args.iters), 1):
-        batch = collate([rows[i] for i in chunk], pad_id)
+        batch = collate([rows[i] for i in chunk], pad_id, [masked[i] for i in chunk])
         tic = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
@@ -101,13 +116,14 @@ def run_loop(args, model, rows, pad_id, out) -> None:
                               "loss": loss.item()}) + "\n")
 
 
-def run_trainer(args, model, rows, pad_id, out) -> None:
+def run_trainer(args, model, rows, masked, pad_id, out) -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     counts: list = []
 
     def collator(features):  # one feature = one of our batches
-        batch = collate([rows[i] for i in features[0]["rows"]], pad_id)
+        chunk = features[0]["rows"]
+        batch = collate([rows[i] for i in chunk], pad_id, [masked[i] for i in chunk])
         counts.append(trained_tokens(batch))
         return batch
 
@@ -160,6 +176,7 @@ def main(argv=None) -> None:
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--keys", default="")
     p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--mask-prompt", action="store_true", help="prompt/completion rows: train on completions only")
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -168,11 +185,11 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = load_rows(args.data, tokenizer, args.max_seq_length)
+    rows, masked = load_rows(args.data, tokenizer, args.max_seq_length, args.mask_prompt)
     model = peft_model(args)
     with open(args.metrics, "w", buffering=1) as out:
         out.write(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "mode": args.mode}) + "\n")
-        (run_trainer if args.mode == "trainer" else run_loop)(args, model, rows, pad_id, out)
+        (run_trainer if args.mode == "trainer" else run_loop)(args, model, rows, masked, pad_id, out)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def mfu(r: dict, setting: str, rate: float, trainer: str) -> float | None:
     peak = (p.get("torch") if "torch" in trainer or "peft" in trainer else p.get("mlx")) or {}
     if not peak.get("gflops") or not rate:
         return None
+    if r["settings"][setting].get("mask_prompt"):
+        return None  # trained tokens are a fraction of the tokens processed: tok/s x FLOPs/token misleads
     data = r["settings"][setting]["data"]
     stats_path = HERE / ".cache" / "data" / "stats.json"
     seq = json.loads(stats_path.read_text())[f"{data}/train"]["mean"] if stats_path.exists() else r["settings"][setting]["seq"]
@@ -126,17 +128,22 @@ def attribution_block(r: dict) -> list:
     a = r.get("attribution")
     if not a:
         return []
-    rows = ["| trainer and switches | tok/s | vs mlx_lm / PEFT as shipped | peak mem GB (framework) | peak RSS GB |",
-            "|---|---|---|---|---|"]
-    shipped = {row["trainer"]: row["tokens_per_second"] for row in a["rows"] if "as shipped" in row["label"]}
-    for row in a["rows"]:
-        base = shipped.get("mlx_lm") if row["trainer"] in ("mlxft-mlx", "mlx_lm") else shipped.get("peft-trainer")
-        ratio = f"{row['tokens_per_second'] / base:.2f}x" if row["ok"] and base else "–"
-        env = " ".join(f"{k}={v}" for k, v in row["env"].items())
-        rows.append(f"| {row['label']}{f' (`{env}`)' if env else ''} | {_f(row['tokens_per_second'])} | {ratio} | "
-                    f"{_f(row['peak_memory_gb'], '{:.2f}')} | {_f(row['peak_rss_gb'], '{:.2f}')} |")
-    return [f"### Where the gains come from ({r['settings'][a['setting']]['describe']}, {a['steps']} steps, "
-            f"first {a['warmup']} left out)", "", *rows, ""]
+    out = []
+    settings = list(dict.fromkeys(row.get("setting", a.get("setting")) for row in a["rows"]))
+    for setting in settings:
+        chosen = [row for row in a["rows"] if row.get("setting", a.get("setting")) == setting]
+        rows = ["| trainer and switches | tok/s | vs mlx_lm / PEFT as shipped | peak mem GB (framework) | peak RSS GB |",
+                "|---|---|---|---|---|"]
+        shipped = {row["trainer"]: row["tokens_per_second"] for row in chosen if "as shipped" in row["label"]}
+        for row in chosen:
+            base = shipped.get("mlx_lm") if row["trainer"] in ("mlxft-mlx", "mlx_lm") else shipped.get("peft-trainer")
+            ratio = f"{row['tokens_per_second'] / base:.2f}x" if row["ok"] and base else "–"
+            env = " ".join(f"{k}={v}" for k, v in row["env"].items())
+            rows.append(f"| {row['label']}{f' (`{env}`)' if env else ''} | {_f(row['tokens_per_second'])} | {ratio} | "
+                        f"{_f(row['peak_memory_gb'], '{:.2f}')} | {_f(row['peak_rss_gb'], '{:.2f}')} |")
+        out += [f"### Where the gains come from ({r['settings'][setting]['describe']}, {a['steps']} steps, "
+                f"first {a['warmup']} left out)", "", *rows, ""]
+    return out
 
 
 def compile_block(r: dict) -> list:

@@ -14,7 +14,8 @@ repetitions so drift in machine load hits both sides):
 - blas:    our MLX trainer with MLXFT_BLAS=reference (the wheel's BLAS) vs OpenBLAS;
 - compile: our MLX trainer with MLXFT_COMPILE=1 (cold kernel cache, then warm) vs eager;
 - attribution: on the anchor setting, each of our CPU levers off in turn (MLXFT_MALLOC=system,
-           MLXFT_CPU_KERNELS=0), and the anchors run with the same allocator thresholds;
+           MLXFT_CPU_KERNELS=0), and the anchors run with the same allocator thresholds; on
+           prompt-masked rows, the output head on every position (MLXFT_HEAD_ROWS=0);
 - bench:   `mlxft bench` itself: MLX vs torch backend on configs/bench_40m.yaml;
 - peak:    the measured sgemm peak of MLX+OpenBLAS and of torch (MFU denominators);
 - profile: where an MLX step's time goes (forward / backward / attention softmax) vs torch.
@@ -58,9 +59,11 @@ class Setting:
     seq: int
     keys: str = ""           # "" = all linear modules of every block
     ckpt: bool = False
+    mask_prompt: bool = False  # prompt/completion rows, completions trained only
 
     def describe(self) -> str:
-        rows = {"raw": "raw WikiSQL rows (67-259 tok)", "packed512": "packed ~470-tok rows",
+        rows = {"raw": "raw WikiSQL rows (67-259 tok)", "completions": "WikiSQL prompt/completion rows, prompt masked",
+                "packed512": "packed ~470-tok rows",
                 "packed1024": "packed ~980-tok rows", "packed2048": "packed ~2000-tok rows"}[self.data]
         return (f"{rows}, batch {self.batch} x max {self.seq}, r{RANK} "
                 f"{'q,v' if self.keys else 'all linear'}{', grad ckpt' if self.ckpt else ''}")
@@ -68,6 +71,7 @@ class Setting:
 
 SETTINGS = {s.name: s for s in [
     Setting("raw-b4", "raw", 4, 512),
+    Setting("compl-b4", "completions", 4, 512, mask_prompt=True),
     Setting("p512-b4", "packed512", 4, 512),
     Setting("p512-b4-qv", "packed512", 4, 512, keys=QV),
     Setting("p512-b4-ckpt", "packed512", 4, 512, ckpt=True),
@@ -76,12 +80,12 @@ SETTINGS = {s.name: s for s in [
     Setting("p2048-b1-qv", "packed2048", 1, 2048, keys=QV),
     Setting("p2048-b1-ckpt", "packed2048", 1, 2048, ckpt=True),
 ]}
-# (setting, ours, anchor) in the order they run; quick mode keeps the starred subset.
+# (setting, ours, anchor) in the order they run; --quick runs QUICK_PAIRS only.
 PAIRS = [(s, "mlxft-mlx", "mlx_lm") for s in SETTINGS] + [(s, "mlxft-torch", "peft-trainer") for s in SETTINGS] + [
     ("raw-b4", "mlxft-torch", "peft-loop"), ("p512-b4", "mlxft-torch", "peft-loop")]
 QUICK_PAIRS = [("raw-b4", "mlxft-mlx", "mlx_lm"), ("p512-b4", "mlxft-mlx", "mlx_lm"),
                ("p2048-b1", "mlxft-mlx", "mlx_lm"), ("raw-b4", "mlxft-torch", "peft-trainer"),
-               ("p512-b4", "mlxft-torch", "peft-trainer")]
+               ("p512-b4", "mlxft-torch", "peft-trainer"), ("compl-b4", "mlxft-torch", "peft-trainer")]
 
 
 # ------------------------------------------------------------------------------ trainers
@@ -96,6 +100,7 @@ def command(trainer: str, s: Setting, steps: int, out: Path) -> tuple:
                "--save-every", 100000, "--adapter-path", out / "adapter", "--seed", 0]
         cmd += [a for k in s.keys.split(",") if k for a in ("--lora-keys", k)]
         cmd += ["--grad-checkpoint"] if s.ckpt else []
+        cmd += ["--mask-prompt"] if s.mask_prompt else []
         return cmd, out / "adapter" / "metrics.jsonl"
     if trainer == "mlx_lm":
         lora = {"rank": RANK, "scale": ALPHA / RANK, "dropout": 0.0}
@@ -110,6 +115,7 @@ def command(trainer: str, s: Setting, steps: int, out: Path) -> tuple:
                "--steps-per-report", 1, "--steps-per-eval", 100000, "--val-batches", 1, "--save-every", 100000,
                "--adapter-path", out / "adapter", "--seed", 0, "-c", cfg]
         cmd += ["--grad-checkpoint"] if s.ckpt else []
+        cmd += ["--mask-prompt"] if s.mask_prompt else []
         return cmd, out / "metrics.jsonl"
     mode = trainer.split("-")[1]
     cmd = [PY, HERE / "peft_run.py", "--mode", mode, "--model", MODEL, "--data", data, "--metrics",
@@ -117,6 +123,7 @@ def command(trainer: str, s: Setting, steps: int, out: Path) -> tuple:
            "--rank", RANK, "--alpha", ALPHA, "--learning-rate", LR, "--seed", 0]
     cmd += ["--keys", ",".join(k.split(".")[-1] for k in s.keys.split(","))] if s.keys else []
     cmd += ["--grad-checkpoint"] if s.ckpt else []
+    cmd += ["--mask-prompt"] if s.mask_prompt else []
     return cmd, out / "metrics.jsonl"
 
 
@@ -231,34 +238,44 @@ def suite_compile(names, steps: int, warmup: int) -> list:
 
 
 GLIBC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
-ATTRIBUTION = (  # (trainer, label, env): where the gains come from, on the anchor setting
-    ("mlxft-mlx", "mlxft (MLX), default", {}),
-    ("mlxft-mlx", "mlxft (MLX), allocator untouched", {"MLXFT_MALLOC": "system"}),
-    ("mlxft-mlx", "mlxft (MLX), CPU loss/attention paths off", {"MLXFT_CPU_KERNELS": "0"}),
-    ("mlxft-mlx", "mlxft (MLX), both off", {"MLXFT_MALLOC": "system", "MLXFT_CPU_KERNELS": "0"}),
-    ("mlx_lm", "mlx_lm lora, as shipped", {}),
-    ("mlx_lm", "mlx_lm lora + our allocator thresholds (glibc env)", GLIBC_KEEP),
-    ("mlxft-torch", "mlxft (torch), default", {}),
-    ("mlxft-torch", "mlxft (torch), allocator untouched", {"MLXFT_MALLOC": "system"}),
-    ("peft-trainer", "PEFT + HF Trainer, as shipped", {}),
-    ("peft-trainer", "PEFT + HF Trainer + our allocator thresholds (glibc env)", GLIBC_KEEP),
+ATTRIBUTION = (  # (setting, trainer, label, env): where the gains come from
+    ("p512-b4", "mlxft-mlx", "mlxft (MLX), default", {}),
+    ("p512-b4", "mlxft-mlx", "mlxft (MLX), allocator untouched", {"MLXFT_MALLOC": "system"}),
+    ("p512-b4", "mlxft-mlx", "mlxft (MLX), CPU loss/attention paths off", {"MLXFT_CPU_KERNELS": "0"}),
+    ("p512-b4", "mlxft-mlx", "mlxft (MLX), both off", {"MLXFT_MALLOC": "system", "MLXFT_CPU_KERNELS": "0"}),
+    ("p512-b4", "mlx_lm", "mlx_lm lora, as shipped", {}),
+    ("p512-b4", "mlx_lm", "mlx_lm lora + our allocator thresholds (glibc env)", GLIBC_KEEP),
+    ("p512-b4", "mlxft-torch", "mlxft (torch), default", {}),
+    ("p512-b4", "mlxft-torch", "mlxft (torch), allocator untouched", {"MLXFT_MALLOC": "system"}),
+    ("p512-b4", "peft-trainer", "PEFT + HF Trainer, as shipped", {}),
+    ("p512-b4", "peft-trainer", "PEFT + HF Trainer + our allocator thresholds (glibc env)", GLIBC_KEEP),
+    # prompt masked: the output head on trained positions only, and on every position
+    ("compl-b4", "mlxft-mlx", "mlxft (MLX), default", {}),
+    ("compl-b4", "mlxft-mlx", "mlxft (MLX), head on every position", {"MLXFT_HEAD_ROWS": "0"}),
+    ("compl-b4", "mlx_lm", "mlx_lm lora, as shipped", {}),
+    ("compl-b4", "mlxft-torch", "mlxft (torch), default", {}),
+    ("compl-b4", "mlxft-torch", "mlxft (torch), head on every position", {"MLXFT_HEAD_ROWS": "0"}),
+    ("compl-b4", "mlxft-torch", "mlxft (torch), head on every position, allocator untouched",
+     {"MLXFT_HEAD_ROWS": "0", "MLXFT_MALLOC": "system"}),
+    ("compl-b4", "peft-trainer", "PEFT + HF Trainer, as shipped", {}),
 )
 
 
 def suite_attribution(steps: int, warmup: int) -> dict:
-    """Each CPU lever switched off in turn, and the anchors given the same allocator thresholds
-    (glibc's MALLOC_*_ environment variables), on the anchor setting: which part of a ratio is
-    the trainer's own work and which is the allocator."""
-    s = SETTINGS["p512-b4"]
-    print(f"[attribution] {s.describe()}, {steps} steps", flush=True)
+    """Each lever of ours switched off in turn, and the anchors given the same allocator
+    thresholds (glibc's MALLOC_*_ environment variables): which part of a ratio is the
+    trainer's own work and which is the allocator; on prompt-masked rows, what running the
+    output head on trained positions only is worth."""
+    print(f"[attribution] {steps} steps", flush=True)
     rows = []
-    for i, (trainer, label, env) in enumerate(ATTRIBUTION):
-        run = run_trainer(trainer, s, steps, f"attribution/{i}-{trainer}", env=env or None)
-        rows.append({"trainer": trainer, "label": label, "env": env, "ok": run.ok,
+    for i, (name, trainer, label, env) in enumerate(ATTRIBUTION):
+        s = SETTINGS[name]
+        run = run_trainer(trainer, s, steps, f"attribution/{name}/{i}-{trainer}", env=env or None)
+        rows.append({"setting": name, "trainer": trainer, "label": label, "env": env, "ok": run.ok,
                      "tokens_per_second": run.rate(warmup) if run.ok else None,
                      "peak_memory_gb": run.peak_memory_gb, "peak_rss_gb": run.peak_rss_gb,
                      "command": run.extra["command"]})
-    return {"setting": s.name, "steps": steps, "warmup": warmup, "rows": rows}
+    return {"steps": steps, "warmup": warmup, "rows": rows}
 
 
 def suite_bench(steps: int, warmup: int) -> dict:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from mlxft import _malloc
-from mlxft.mlx_backend.attention import causal_attention, fast_attention, model_modules
+from mlxft.mlx_backend import attention
+from mlxft.mlx_backend.attention import causal_attention, causal_bias, fast_attention, model_modules
 from mlxft.mlx_backend.backend import load_mlx_model
 from mlxft.mlx_backend.loss import HeadLoss, chunked_cross_entropy, exp_by_power, loss_sum
 
@@ -82,6 +83,18 @@ def test_head_loss_declines_what_it_cannot_split(tiny_llama, stories):
     scaled.freeze()
     scaled.__class__ = ScaledLogits
     assert HeadLoss.of(scaled) is None and HeadLoss.of(scaled, chunked=True) is None
+
+
+def test_one_causal_mask_is_kept_and_shorter_ones_are_its_corner(monkeypatch):
+    monkeypatch.setattr(attention, "_BIAS", [])  # as in a fresh process
+    expected = np.triu(np.full((9, 9), -np.inf, np.float32), k=1)
+    causal_bias(40)
+    np.testing.assert_array_equal(np.array(causal_bias(9)), expected)  # a corner of the 40 one
+    causal_bias(12)
+    assert len(attention._BIAS) == 1 and attention._BIAS[0].shape == (40, 40)  # not one per length
+    causal_bias(64)
+    assert attention._BIAS[0].shape == (64, 64)
+    np.testing.assert_array_equal(np.array(causal_bias(9)), expected)
 
 
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (4, 2)])

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from functools import lru_cache
-
 import mlx.core as mx
 
 from mlxft.mlx_backend.loss import exp_by_power
@@ -40,13 +38,21 @@ def _shifted_exp_vjp(primals, cotangent, output):
     return (cotangent * output,)
 
 
-@lru_cache(maxsize=8)
+_BIAS: list = []  # the one kept mask, for the longest length seen so far
+
+
 def causal_bias(length: int) -> mx.array:
-    """(length, length) additive mask: 0 on and below the diagonal, -inf above."""
-    rows = mx.arange(length)
-    bias = mx.where(rows[:, None] >= rows[None], 0.0, -mx.inf).astype(mx.float32)
-    mx.eval(bias)
-    return bias
+    """(length, length) additive mask: 0 on and below the diagonal, -inf above.
+
+    One mask is kept, for the longest length so far, and shorter ones are its top-left corner
+    (addmm copies its addend into the output in any case).  A mask per length would keep one
+    (length, length) float32 array per batch shape: 8 of them were 128 MB at 2,000 tokens."""
+    if not _BIAS or _BIAS[0].shape[0] < length:
+        rows = mx.arange(length)
+        bias = mx.where(rows[:, None] >= rows[None], 0.0, -mx.inf).astype(mx.float32)
+        mx.eval(bias)
+        _BIAS[:] = [bias]
+    return _BIAS[0][:length, :length]
 
 
 def causal_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:

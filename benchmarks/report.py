@@ -129,9 +129,8 @@ def attribution_block(r: dict) -> list:
     if not a:
         return []
     out = []
-    settings = list(dict.fromkeys(row.get("setting", a.get("setting")) for row in a["rows"]))
-    for setting in settings:
-        chosen = [row for row in a["rows"] if row.get("setting", a.get("setting")) == setting]
+    for setting in dict.fromkeys(row["setting"] for row in a["rows"]):
+        chosen = [row for row in a["rows"] if row["setting"] == setting]
         rows = ["| trainer and switches | tok/s | vs mlx_lm / PEFT as shipped | peak mem GB (framework) | peak RSS GB |",
                 "|---|---|---|---|---|"]
         shipped = {row["trainer"]: row["tokens_per_second"] for row in chosen if "as shipped" in row["label"]}

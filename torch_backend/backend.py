@@ -21,7 +21,7 @@ from torch import nn
 
 from mlxft.adapters.files import match_adapter_weights, peft_key
 from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
-from mlxft.data.batching import head_rows, head_rows_note
+from mlxft.data.batching import head_note, head_rows
 from mlxft.errors import UserError
 from torch_backend.device import MemoryMeter, pick_device, pick_dtype, rng_state, set_rng_state
 from torch_backend.dora import DoRALinear
@@ -207,8 +207,7 @@ class TorchBackend:
         self._clip = cfg.grad_clip
         self._steps = 0
         self._split = self._split_head()
-        self.training_notes = ["output head: " + (head_rows_note() if self._split else
-                                                  "inside the model, on every position (its logits are not head(body(x)))")]
+        self.training_notes = [head_note(self._split is not None)]
         if self._device.type == "cpu":  # same page-fault tax as MLX's CPU steps (mlxft._malloc)
             from mlxft import _malloc
 

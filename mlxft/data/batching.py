@@ -50,7 +50,7 @@ def head_rows(mask: np.ndarray, multiple: int = 1, most: float = 0.95):
     completions) that is often a minority of the positions, and the head is the widest matmul
     of a small model (dim x vocab per position).  `multiple` rounds the count up with an
     untrained position (mask 0, so it adds nothing) so that compiled steps see few shapes."""
-    if os.environ.get("MLXFT_HEAD_ROWS", "1").lower() in ("0", "false", "no"):
+    if not _head_rows_on():
         return None
     flat = mask.reshape(-1)
     rows = np.flatnonzero(flat)
@@ -62,11 +62,16 @@ def head_rows(mask: np.ndarray, multiple: int = 1, most: float = 0.95):
     return rows.astype(np.int32)
 
 
-def head_rows_note() -> str:
-    """For the training header: where the output head runs when the model lets it be split."""
-    if head_rows(np.zeros(2, np.float32)) is None:
-        return "on every position (MLXFT_HEAD_ROWS=0)"
-    return "on trained positions only"
+def _head_rows_on() -> bool:
+    return os.environ.get("MLXFT_HEAD_ROWS", "1").lower() not in ("0", "false", "no")
+
+
+def head_note(split: bool, chunked: bool = False) -> str:
+    """The training header's line on where the output head runs (both backends)."""
+    if not split:
+        return "output head: inside the model, on every position (its logits are not head(body(x)))"
+    where = "on trained positions only" if _head_rows_on() else "on every position (MLXFT_HEAD_ROWS=0)"
+    return f"output head: {where}" + (", chunked cross-entropy" if chunked else "")
 
 
 def _chunks(split, batch_size: int) -> list[np.ndarray]:

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxft.adapters.files import match_adapter_weights, peft_key
 from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
-from mlxft.data.batching import head_rows, head_rows_note
+from mlxft.data.batching import head_note, head_rows
 from mlxft.errors import UserError
 from mlxft.mlx_backend.attention import fast_attention
 from mlxft.mlx_backend.dora import DoRALinear
@@ -241,7 +241,8 @@ class MLXBackend:
         self.model.train()
         model, optimizer, clip = self.model, self.optimizer, cfg.grad_clip
         self._loss = self._choose_loss()
-        self.training_notes = [self.head_note()]
+        split = isinstance(self._loss, HeadLoss)
+        self.training_notes = [head_note(split, split and self._loss.chunked)]
         if mx.default_device().type == mx.cpu:
             from mlxft import _malloc
 
@@ -281,11 +282,6 @@ class MLXBackend:
             return ()
         rows = head_rows(batch.mask, multiple=32 if use_compile() else 1)
         return () if rows is None else (mx.array(rows),)
-
-    def head_note(self) -> str:
-        if not isinstance(self._loss, HeadLoss):
-            return "output head: inside the model, on every position (its logits are not head(body(x)))"
-        return f"output head: {head_rows_note()}" + (", chunked cross-entropy" if self._loss.chunked else "")
 
     def _cpu_note(self, allocator: str) -> str:
         if not cpu_kernels():

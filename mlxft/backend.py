@@ -18,6 +18,14 @@ from __future__ import annotations
 from mlxft.errors import UserError
 
 
+def checkpointed_blocks(num_blocks: int) -> range:
+    """The blocks grad_checkpoint recomputes: every block but the last.  The last block's
+    activations feed the output head at once and are spent by the first step of the backward,
+    so keeping them costs no more than the recomputation's own peak, and recomputing them is one
+    block of forward work per step for nothing (1/8 of the recomputation on the 40M bench model)."""
+    return range(max(num_blocks - 1, 0))
+
+
 def get_backend(cfg):
     if cfg.backend == "mlx":
         from mlxft.mlx_backend import MLXBackend

@@ -180,16 +180,44 @@ def test_cached_generation_matches_a_full_forward(tiny_llama, data, tmp_path):
 
 # ---------------------------------------------------------------- training details
 def test_grad_checkpoint_recomputes_the_blocks(tiny_llama, data, tmp_path):
-    calls = {}
+    """Checkpointing recomputes every block but the last, without the attention kernel (kept) or
+    the block's last base matmul (not needed by the backward), and gives the same gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from torch_backend.checkpoint import attention_ops
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    calls, attention, grads = {}, {}, {}
     for checkpoint in (False, True):
         s = session(tiny_llama, data, tmp_path / str(checkpoint), grad_checkpoint=checkpoint)
         s.backend.setup_training(s.cfg)
-        layer = next(m for m in s.backend.model.modules() if isinstance(m, LoRALinear))
-        calls[checkpoint] = 0
-        layer.register_forward_hook(lambda *_, c=checkpoint: calls.__setitem__(c, calls[c] + 1))
-        batches = epoch_batches(s.splits["train"], 2, seed=0, epoch=0, pad_id=s.pad_id)
-        s.backend.train_step(batches[:2], 1e-2)
-    assert calls == {False: 2, True: 4}  # forward once per batch, plus once more in the backward
+        blocks = s.backend._blocks(s.backend.model)
+        assert len(blocks) >= 2
+        watched = {"first q": blocks[0].self_attn.q_proj, "first down base": blocks[0].mlp.down_proj.base,
+                   "last q": blocks[-1].self_attn.q_proj}
+        calls[checkpoint] = dict.fromkeys(watched, 0)
+        for name, module in watched.items():
+            module.register_forward_hook(lambda *_, c=calls[checkpoint], n=name: c.__setitem__(n, c[n] + 1))
+        batch = epoch_batches(s.splits["train"], 2, seed=0, epoch=0, pad_id=s.pad_id)[0]
+        s.backend._set_training(True)
+        loss = s.backend._loss_sum(batch)
+        with Ops() as ops:
+            loss.backward()
+        attention[checkpoint] = sum(op in attention_ops() for op in ops.seen)
+        grads[checkpoint] = [p.grad.clone() for _, p in s.backend._named_trainable()]
+    assert calls[False] == {"first q": 1, "first down base": 1, "last q": 1}
+    assert calls[True] == {"first q": 2, "first down base": 1, "last q": 1}
+    assert attention == {False: 0, True: 0}  # no attention forward in the backward, recomputed or not
+    for plain, recomputed in zip(grads[False], grads[True]):
+        torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("optimizer, state_names", [("adamw", {"exp_avg", "exp_avg_sq"}), ("sgd", {"momentum_buffer"})])

@@ -21,6 +21,7 @@ from torch import nn
 
 from mlxft.adapters.files import match_adapter_weights, peft_key
 from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
+from mlxft.backend import checkpointed_blocks
 from mlxft.data.batching import head_note, head_rows
 from mlxft.errors import UserError
 from torch_backend.device import MemoryMeter, pick_device, pick_dtype, rng_state, set_rng_state
@@ -213,17 +214,29 @@ class TorchBackend:
 
             self.training_notes.insert(0, f"allocator: {_malloc.tune()}")
         if cfg.grad_checkpoint:
-            # non-reentrant: gradients reach the LoRA weights without the inputs requiring grad
-            kwargs = {"use_reentrant": False}
-            try:
-                if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                    self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-                else:
-                    self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            except ValueError as err:
-                raise UserError(f"{cfg.model}: grad_checkpoint: {str(err).splitlines()[0]}") from None
-            self._checkpointing = True
-            self._training = None
+            self._enable_checkpointing(cfg)
+
+    def _enable_checkpointing(self, cfg) -> None:
+        """transformers' per-block checkpointing, non-reentrant (gradients reach the LoRA weights
+        without the inputs requiring grad), minus the last block (mlxft.backend.checkpointed_blocks),
+        keeping the attention kernels' outputs (torch_backend.checkpoint)."""
+        from torch_backend.checkpoint import checkpoint_kwargs
+
+        kwargs = checkpoint_kwargs()
+        try:
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        except ValueError as err:
+            raise UserError(f"{cfg.model}: grad_checkpoint: {str(err).splitlines()[0]}") from None
+        blocks = self._blocks(self.model)
+        keep = set(checkpointed_blocks(len(blocks)))
+        for i, block in enumerate(blocks):
+            if i not in keep and hasattr(block, "gradient_checkpointing"):
+                block.gradient_checkpointing = False
+        self._checkpointing = True
+        self._training = None
 
     @torch.no_grad()
     def _split_head(self):

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxft.adapters.files import match_adapter_weights, peft_key
 from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
+from mlxft.backend import checkpointed_blocks
 from mlxft.data.batching import head_note, head_rows
 from mlxft.errors import UserError
 from mlxft.mlx_backend.attention import fast_attention
@@ -69,9 +70,10 @@ def _checkpointed_class(cls):
 
 
 def _checkpoint_blocks(blocks) -> None:
-    """Recompute each transformer block's activations in the backward pass."""
+    """Recompute the transformer blocks' activations in the backward pass (all but the last:
+    mlxft.backend.checkpointed_blocks)."""
     classes = {}
-    for block in blocks:
+    for block in (blocks[i] for i in checkpointed_blocks(len(blocks))):
         cls = type(block)
         if cls.__name__.startswith("Checkpointed"):
             continue

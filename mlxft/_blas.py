@@ -112,9 +112,14 @@ def _describe(lib: ctypes.CDLL) -> str:
         lib.openblas_get_config.restype = ctypes.c_char_p
         config = lib.openblas_get_config().decode().split()
         threads = lib.openblas_get_num_threads()
-        return " ".join(config[:2]) + f", {threads} threads"
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        core = lib.openblas_get_corename().decode()
     except (AttributeError, OSError):
         return ""
+    # OpenBLAS picks its kernels by CPU model unless told: a forced older core type (some machines
+    # set one for old OpenBLAS builds) can halve sgemm speed, e.g. AVX2 kernels on an AVX-512 CPU
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    return " ".join(config[:2]) + f", {core} kernels" + (" (set by OPENBLAS_CORETYPE)" if forced else "") + f", {threads} threads"
 
 
 def ensure() -> str:

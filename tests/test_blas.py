@@ -22,6 +22,13 @@ def test_openblas_active_and_reported():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux-only route")
+def test_kernels_are_named_and_a_forced_core_type_is_said():
+    """Which kernels OpenBLAS runs decides its speed (AVX2 vs AVX-512: 2x on a Zen 5)."""
+    out = run({"OPENBLAS_CORETYPE": "Haswell"})
+    assert "Haswell kernels (set by OPENBLAS_CORETYPE)" in out.stdout, out.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux-only route")
 def test_opt_out_and_too_late_are_reported():
     assert "reference BLAS (MLXFT_BLAS=reference)" in run({"MLXFT_BLAS": "reference"}).stdout
     late = run({}, "import mlx.core, mlxft, mlxft._blas as b; print(b.status())")

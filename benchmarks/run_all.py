@@ -296,10 +296,16 @@ def suite_bench(steps: int, warmup: int) -> dict:
 def suite_peak() -> dict:
     print("[peak] sgemm", flush=True)
     out = {}
-    for key, cmd, env in (("mlx", [PY, HERE / "peak.py", "mlx"], {}), ("torch", [PY, HERE / "peak.py", "torch"], {}),
-                          ("mlx_reference", [PY, HERE / "peak.py", "mlx", "1024"], {"MLXFT_BLAS": "reference"})):
-        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
-                              env={**os.environ, **THREAD_ENV, **env})
+    # mlx_own_kernels: OpenBLAS's own kernel choice, where the machine forces one (OPENBLAS_CORETYPE and
+    # OPENBLAS_L2_SIZE, unset together, in this command alone); every trainer runs with the machine's setting
+    own = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    for key, cmd, env in (("mlx", [PY, HERE / "peak.py", "mlx"], os.environ), ("torch", [PY, HERE / "peak.py", "torch"], os.environ),
+                          ("mlx_reference", [PY, HERE / "peak.py", "mlx", "1024"], {**os.environ, "MLXFT_BLAS": "reference"}),
+                          ("mlx_own_kernels", [PY, HERE / "peak.py", "mlx"], own)):
+        if key == "mlx_own_kernels" and "OPENBLAS_CORETYPE" not in os.environ:
+            continue
+        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=REPO,
+                              env={**env, **THREAD_ENV})
         out[key] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-500:]}
     return out
 

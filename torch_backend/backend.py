@@ -211,8 +211,11 @@ class TorchBackend:
         self.training_notes = [head_note(self._split is not None)]
         if self._device.type == "cpu":  # same page-fault tax as MLX's CPU steps (mlxft._malloc)
             from mlxft import _malloc
+            from torch_backend.cpu_matmul import use_onednn
 
             self.training_notes.insert(0, f"allocator: {_malloc.tune()}")
+            rows = cfg.batch_size * cfg.max_seq_length
+            self.training_notes.insert(1, f"CPU matmuls: {use_onednn(self.model, rows)}")
         if cfg.grad_checkpoint:
             self._enable_checkpointing(cfg)
 

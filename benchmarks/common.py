@@ -57,9 +57,11 @@ class Run:
 
 
 def run_measured(name: str, cmd: list, log: Path, env: dict | None = None, timeout: float = 3600) -> tuple:
-    """Run `cmd`, output to `log`; (exit status, wall seconds, peak RSS GB of that child alone)."""
+    """Run `cmd`, output to `log`; (exit status, wall seconds, peak RSS GB of that child alone).
+    `env` adds to this process's environment; a None value removes that variable."""
     log.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset in this command
     tic = time.perf_counter()
     with open(log, "w") as out:
         out.write("$ " + " ".join(map(str, cmd)) + "\n")

@@ -137,6 +137,8 @@ def blas_block(r: dict) -> list:
             f"| wheel's reference BLAS (`MLXFT_BLAS=reference`) | {_f(b['reference']['tokens_per_second'], '{:.1f}')} |",
             f"| OpenBLAS (default) | {_f(b['openblas']['tokens_per_second'], '{:.1f}')} |",
             f"| mlx_lm lora, reference BLAS | {_f(b['mlx_lm_reference']['tokens_per_second'], '{:.1f}')} |",
+            *([f"| OpenBLAS with its own kernel choice (the machine's OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset) | "
+               f"{_f(b['openblas_own_kernels']['tokens_per_second'], '{:.1f}')} |"] if "openblas_own_kernels" in b else []),
             "", f"Speed-up from OpenBLAS: **{_f(b.get('speedup'), '{:.1f}x')}**", ""]
 
 

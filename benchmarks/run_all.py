@@ -11,13 +11,14 @@ repetitions so drift in machine load hits both sides):
            optimizer), our MLX trainer (`mlxft lora`) vs `mlx_lm lora` (same OpenBLAS, see
            mlx_lm_run.py), and our torch backend (`mlxft lora --backend torch`) vs PEFT +
            transformers Trainer (and a plain PEFT loop on the anchor setting);
-- blas:    our MLX trainer with MLXFT_BLAS=reference (the wheel's BLAS) vs OpenBLAS;
+- blas:    our MLX trainer with MLXFT_BLAS=reference (the wheel's BLAS) vs OpenBLAS (and, where the
+           machine forces OpenBLAS's kernels with OPENBLAS_CORETYPE, with its own pick);
 - compile: our MLX trainer with MLXFT_COMPILE=1 (cold kernel cache, then warm) vs eager;
 - attribution: on the anchor setting, each of our CPU levers off in turn (MLXFT_MALLOC=system,
-           MLXFT_CPU_KERNELS=0), and the anchors run with the same allocator thresholds; on
+           MLXFT_CPU_KERNELS=0, MLXFT_CPU_MATMUL=mkl), and the anchors run with the same allocator thresholds; on
            prompt-masked rows, the output head on every position (MLXFT_HEAD_ROWS=0);
 - bench:   `mlxft bench` itself: MLX vs torch backend on configs/bench_40m.yaml;
-- peak:    the measured sgemm peak of MLX+OpenBLAS and of torch (MFU denominators);
+- peak:    the measured sgemm peak of MLX+OpenBLAS, torch's MKL and oneDNN (MFU: the best of them);
 - profile: where an MLX step's time goes (forward / backward / attention softmax) vs torch.
 
 Raw per-run records go to benchmarks/results.json; the tables to benchmarks/RESULTS.md.
@@ -205,8 +206,11 @@ def suite_blas(steps: int, warmup: int) -> dict:
     ref = run_trainer("mlxft-mlx", s, steps, "blas/reference", env={"MLXFT_BLAS": "reference"})
     fast = run_trainer("mlxft-mlx", s, steps, "blas/openblas")
     anchor = run_trainer("mlx_lm", s, steps, "blas/mlx_lm-reference", env={"MLXFT_BLAS": "reference"})
+    runs = [("reference", ref), ("openblas", fast), ("mlx_lm_reference", anchor)]
+    if os.environ.get("OPENBLAS_CORETYPE"):  # the machine forces OpenBLAS's kernels: also run with its own pick
+        runs.append(("openblas_own_kernels", run_trainer("mlxft-mlx", s, steps, "blas/openblas-own-kernels", env=OWN_KERNELS)))
     out = {"setting": s.name, "steps": steps, "warmup": warmup}
-    for key, run in (("reference", ref), ("openblas", fast), ("mlx_lm_reference", anchor)):
+    for key, run in runs:
         out[key] = {"ok": run.ok, "tokens_per_second": run.rate(warmup) if run.ok else None,
                     "command": run.extra["command"], "env": run.extra.get("env")}
     if ref.ok and fast.ok:
@@ -237,6 +241,8 @@ def suite_compile(names, steps: int, warmup: int) -> list:
     return out
 
 
+# OpenBLAS's own kernel choice where the machine forces one: both variables unset, in that command alone
+OWN_KERNELS = {"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None}
 GLIBC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 ATTRIBUTION = (  # (setting, trainer, label, env): where the gains come from
     ("p512-b4", "mlxft-mlx", "mlxft (MLX), default", {}),
@@ -247,6 +253,8 @@ ATTRIBUTION = (  # (setting, trainer, label, env): where the gains come from
     ("p512-b4", "mlx_lm", "mlx_lm lora + our allocator thresholds (glibc env)", GLIBC_KEEP),
     ("p512-b4", "mlxft-torch", "mlxft (torch), default", {}),
     ("p512-b4", "mlxft-torch", "mlxft (torch), allocator untouched", {"MLXFT_MALLOC": "system"}),
+    ("p512-b4", "mlxft-torch", "mlxft (torch), torch's own matmuls (MKL)", {"MLXFT_CPU_MATMUL": "mkl"}),
+    ("p512-b4", "mlxft-torch", "mlxft (torch), both off", {"MLXFT_CPU_MATMUL": "mkl", "MLXFT_MALLOC": "system"}),
     ("p512-b4", "peft-trainer", "PEFT + HF Trainer, as shipped", {}),
     ("p512-b4", "peft-trainer", "PEFT + HF Trainer + our allocator thresholds (glibc env)", GLIBC_KEEP),
     # prompt masked: the output head on trained positions only, and on every position

@@ -123,13 +123,13 @@ def profile_torch(args) -> dict:
     D = hf.hidden_size // H
     q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
     scores = torch.randn(B, H, T, T)
-    weight = torch.randn(hf.vocab_size, hf.hidden_size) * 0.02
+    head = s.backend.model.get_output_embeddings()  # the module our step runs (oneDNN where chosen)
     hidden = torch.randn(B * T, hf.hidden_size, requires_grad=True)
     targets = torch.as_tensor(batch.targets, dtype=torch.long).flatten()
     mask = torch.as_tensor(batch.mask).flatten()
 
     def loss_head():
-        (F.cross_entropy(hidden @ weight.T, targets, reduction="none") * mask).sum().backward()
+        (F.cross_entropy(head(hidden), targets, reduction="none") * mask).sum().backward()
 
     def attn():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()

@@ -40,6 +40,15 @@ def test_frozen_linear_matches_torch_forward_and_input_gradient(bias):
     assert ours.weight.grad is None  # frozen: no weight gradient
 
 
+@needs_onednn
+def test_any_input_layout_gives_torchs_numbers():
+    """oneDNN has no kernel for some layouts (a transposed 2-D input): copied or handed back."""
+    weight = torch.randn(5, 8)
+    for x in (torch.randn(8, 4).t(), torch.randn(4, 6, 8).transpose(0, 1), torch.randn(6, 16)[:, ::2]):
+        assert not x.is_contiguous() and x.shape[-1] == 8
+        torch.testing.assert_close(cpu_matmul._linear(x, weight), torch.nn.functional.linear(x, weight))
+
+
 def test_forcing_a_side_is_obeyed(monkeypatch):
     weight = torch.randn(64, 32)
     monkeypatch.setenv("MLXFT_CPU_MATMUL", "mkl")

@@ -24,33 +24,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from common import batch_order, load_rows  # noqa: F401  (shared with mlx_lm_run.py, which must not import torch)
+
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def load_rows(data: Path, tokenizer, max_len: int, mask_prompt: bool = False) -> tuple:
-    """(token ids per row of train.jsonl, untrained leading tokens per row), truncated.
-
-    `text` rows: BOS from the tokenizer, EOS appended, all trained.  `prompt`/`completion`
-    rows (--mask-prompt): rendered by the tokenizer's chat template, as mlx_lm and our trainer
-    render them; the prompt's tokens (the template's rendering of the user turn) are untrained."""
-    rows, masked = [], []
-    for line in (data / "train.jsonl").read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        if "text" in record:
-            ids, n = tokenizer(record["text"])["input_ids"] + [tokenizer.eos_token_id], 0
-        else:
-            turns = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-            ids = tokenizer(tokenizer.apply_chat_template(turns, tokenize=False), add_special_tokens=False)["input_ids"]
-            prompt = tokenizer.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
-            n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if mask_prompt else 0
-        rows.append(ids[:max_len])
-        masked.append(n)
-    return rows, masked
 
 
 def collate(rows: list, pad_id: int, masked=None) -> dict:
@@ -87,17 +65,6 @@ def peft_model(args):
         model.enable_input_require_grads()
     return model
 
-
-def batch_order(rows: list, batch_size: int, seed: int, steps: int) -> list:
-    """Row indices of the first `steps` batches, as mlxft.data.epoch_batches makes them:
-    length-sorted chunks, their order permuted by (seed, epoch)."""
-    order = np.argsort([len(r) for r in rows], kind="stable")
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    batches, epoch = [], 0
-    while len(batches) < steps:
-        batches += [chunks[i] for i in np.random.default_rng((seed, epoch)).permutation(len(chunks))]
-        epoch += 1
-    return batches[:steps]
 
 
 def run_loop(args, model, rows, masked, pad_id, out) -> None:

@@ -1,5 +1,6 @@
-"""The benchmark's PEFT anchor trains on exactly our batches (benchmarks/peft_run.py), so a
-ratio compares the same work: same rows per step, same order, same trained-token counts."""
+"""The benchmark's anchors train on exactly our batches (benchmarks/peft_run.py for PEFT,
+benchmarks/mlx_lm_run.py for mlx_lm), so a ratio compares the same work: same rows per step, same
+order, same trained-token counts, and peak memory follows the same largest batch."""
 
 from __future__ import annotations
 
@@ -31,3 +32,25 @@ def test_peft_anchor_batches_are_ours(stories, wikisql_small, tmp_path):
         assert peft_run.trained_tokens(collated) == batch.ntokens
     second = epoch_batches(load_splits(cfg, tokenizer)["train"], 3, seed=0, epoch=1, pad_id=pad_token_id(tokenizer))
     assert [sorted(b.lengths.tolist()) for b in second[:5]] == [sorted(len(rows[i]) for i in c) for c in theirs[len(ours):]]
+
+
+def test_mlx_lm_anchor_batches_are_ours(stories, wikisql_small, tmp_path):
+    """mlx_lm's train loop gets our batches, in our order, collated by its own iterate_batches;
+    its validation set keeps mlx_lm's own batching."""
+    import mlx_lm_run
+
+    cfg = make_config(stories, wikisql_small, tmp_path / "out", batch_size=3, max_seq_length=512)
+    tokenizer = load_tokenizer(stories, cfg)
+    ours = epoch_batches(load_splits(cfg, tokenizer)["train"], 3, seed=0, epoch=0, pad_id=pad_token_id(tokenizer))
+    rows, _ = peft_run.load_rows(wikisql_small, tokenizer, 512)
+    iterate = mlx_lm_run.our_batches(["--model", str(stories), "--data", str(wikisql_small), "--batch-size", "3",
+                                      "--max-seq-length", "512", "--seed", "0", "--iters", str(len(ours))])
+    train = [(row, 0) for row in rows]  # what mlx_lm's CacheDataset hands out: (tokens, offset)
+    seen = list(iterate(train, 3, 512, loop=True))
+    assert len(seen) == len(ours)
+    for batch, (tokens, lengths) in zip(ours, seen):
+        assert sorted(lengths[:, 1].tolist()) == sorted(batch.lengths.tolist())
+        for row, length in zip(tokens.tolist(), lengths[:, 1].tolist()):
+            assert row[:length] in [list(r) for r in rows]  # whole rows, unchanged
+    valid = list(iterate(train[:7], 3, 512))  # another set: mlx_lm's own batches (full ones only)
+    assert len(valid) == 2

@@ -48,7 +48,7 @@ class _Rows:
 
 
 def our_batches(theirs: list):
-    """mlx_lm's train loop, fed our batches in our order (peft_run.batch_order, the rows our
+    """mlx_lm's train loop, fed our batches in our order (common.batch_order, the rows our
     trainer and the PEFT runs train on), each collated and padded by mlx_lm's own iterate_batches.
     Its own order differs from ours, and peak memory follows the largest batch seen."""
     from pathlib import Path
@@ -67,7 +67,7 @@ def our_batches(theirs: list):
     own = trainer.iterate_batches
 
     def iterate(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
-        if len(dataset) != len(rows):  # the validation set: mlx_lm's own batches
+        if not loop:  # evaluation (mlx_lm's train loop is the one that loops): its own batches
             yield from own(dataset, batch_size, max_seq_length, loop=loop, seed=seed, comm_group=comm_group)
             return
         for chunk in order:

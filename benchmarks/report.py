@@ -47,31 +47,31 @@ def machine_block(r: dict) -> list:
     return lines
 
 
-def machine_peak(r: dict) -> float | None:
-    """The machine's matmul peak: the best float32 sgemm any library measured on it."""
+def peak_rows(r: dict) -> list:
+    """[(library, sgemm GFLOP/s)] measured on this machine, in table order."""
     p = r.get("peak", {})
-    rates = [p.get(k, {}).get("gflops") for k in ("mlx", "mlx_own_kernels", "torch")] + [p.get("torch", {}).get("onednn_gflops")]
-    rates = [x for x in rates if x]
+    mlx, own, ref, torch = (p.get(k, {}) for k in ("mlx", "mlx_own_kernels", "mlx_reference", "torch"))
+    rows = [(f"MLX + {mlx.get('blas')}", mlx.get("gflops"))]
+    if own:
+        rows.append((f"MLX + {own.get('blas')} — OPENBLAS_CORETYPE/L2_SIZE unset, OpenBLAS's own pick", own.get("gflops")))
+    rows += [(f"MLX + {ref.get('blas')}", ref.get("gflops")),
+             (f"torch default (MKL, {torch.get('threads')} threads)", torch.get("gflops")),
+             ("torch via oneDNN (`torch_backend.cpu_matmul`)", torch.get("onednn_gflops"))]
+    return rows
+
+
+def machine_peak(r: dict) -> float | None:
+    """The machine's matmul peak: the best float32 sgemm any library measured on it (the
+    reference BLAS never is)."""
+    rates = [rate for _, rate in peak_rows(r) if rate]
     return max(rates) if rates else None
 
 
 def peak_block(r: dict) -> list:
-    p = r.get("peak")
-    if not p:
+    if not r.get("peak"):
         return []
     rows = ["| framework / BLAS | sgemm peak GFLOP/s (best of n=1024, 2048) |", "|---|---|"]
-    for key in ("mlx", "mlx_own_kernels", "mlx_reference", "torch", "torch_onednn"):
-        e = p.get("torch" if key == "torch_onednn" else key, {})
-        if key == "mlx_own_kernels" and not e:
-            continue
-        if key.startswith("mlx"):
-            name = f"MLX + {e.get('blas')}" + (" — OPENBLAS_CORETYPE/L2_SIZE unset, OpenBLAS's own pick" if key == "mlx_own_kernels" else "")
-            rate = e.get("gflops")
-        elif key == "torch":
-            name, rate = f"torch default (MKL, {e.get('threads')} threads)", e.get("gflops")
-        else:
-            name, rate = "torch via oneDNN (`torch_backend.cpu_matmul`)", e.get("onednn_gflops")
-        rows.append(f"| {name} | {_f(rate, '{:.1f}')} |")
+    rows += [f"| {name} | {_f(rate, '{:.1f}')} |" for name, rate in peak_rows(r)]
     rows += ["", f"MFU denominator: the machine's peak, the best of these: **{_f(machine_peak(r), '{:.1f}')} GFLOP/s**."]
     return ["### Matmul peak (MFU denominator)", "", *rows, ""]
 

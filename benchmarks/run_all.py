@@ -50,6 +50,9 @@ QV = "self_attn.q_proj,self_attn.v_proj"
 MLXFT = [Path(PY).parent / "mlxft"] if (Path(PY).parent / "mlxft").exists() else [PY, "-c", "from mlxft.cli import main; main()"]
 LR, RANK, ALPHA = 1e-4, 8, 16.0  # scale 2 for every trainer
 THREAD_ENV: dict = {}  # --threads N: the same thread count for every BLAS / OpenMP pool in every child
+# OpenBLAS's own kernel choice where the machine forces one: both variables unset, in that command
+# alone (every trainer runs with the machine's setting)
+OWN_KERNELS = {"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None}
 
 
 @dataclass(frozen=True)
@@ -241,8 +244,6 @@ def suite_compile(names, steps: int, warmup: int) -> list:
     return out
 
 
-# OpenBLAS's own kernel choice where the machine forces one: both variables unset, in that command alone
-OWN_KERNELS = {"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None}
 GLIBC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 ATTRIBUTION = (  # (setting, trainer, label, env): where the gains come from
     ("p512-b4", "mlxft-mlx", "mlxft (MLX), default", {}),
@@ -304,16 +305,12 @@ def suite_bench(steps: int, warmup: int) -> dict:
 def suite_peak() -> dict:
     print("[peak] sgemm", flush=True)
     out = {}
-    # mlx_own_kernels: OpenBLAS's own kernel choice, where the machine forces one (OPENBLAS_CORETYPE and
-    # OPENBLAS_L2_SIZE, unset together, in this command alone); every trainer runs with the machine's setting
-    own = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    for key, cmd, env in (("mlx", [PY, HERE / "peak.py", "mlx"], os.environ), ("torch", [PY, HERE / "peak.py", "torch"], os.environ),
-                          ("mlx_reference", [PY, HERE / "peak.py", "mlx", "1024"], {**os.environ, "MLXFT_BLAS": "reference"}),
-                          ("mlx_own_kernels", [PY, HERE / "peak.py", "mlx"], own)):
-        if key == "mlx_own_kernels" and "OPENBLAS_CORETYPE" not in os.environ:
-            continue
-        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=REPO,
-                              env={**env, **THREAD_ENV})
+    runs = [("mlx", ["mlx"], {}), ("torch", ["torch"], {}), ("mlx_reference", ["mlx", "1024"], {"MLXFT_BLAS": "reference"})]
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        runs.append(("mlx_own_kernels", ["mlx"], OWN_KERNELS))
+    for key, args, extra in runs:
+        env = {k: v for k, v in {**os.environ, **THREAD_ENV, **extra}.items() if v is not None}
+        proc = subprocess.run([str(PY), str(HERE / "peak.py"), *args], capture_output=True, text=True, cwd=REPO, env=env)
         out[key] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-500:]}
     return out
 

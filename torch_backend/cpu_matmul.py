@@ -98,10 +98,11 @@ def use_onednn(model: nn.Module, rows: int) -> str:
         return "torch default"
     # oneDNN caches a primitive per input shape, each holding its own scratch buffers (the weight
     # in oneDNN's layout: 65 MB for the 40M model's head), and batch lengths vary: at 1x2000 the
-    # cache took peak RSS from 2.9 to 4.6 GB.  Without it: 2.9 GB (MKL: 3.3) and no slower.
+    # cache took peak RSS to 4.6 GB.  Without it: 3.2 GB (MKL: 3.3) and no slower.
     # Read once, when oneDNN first runs; a value the user set wins.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
-    probe = max(linears, key=lambda m: m.weight.numel() if m.weight.shape[0] < 8192 else 0)  # a block's, not the head
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    probe = max((m for m in linears if m is not head), key=lambda m: m.weight.numel(), default=linears[0])
     side, note = choose(probe.weight, max(64, min(rows, 2048)))
     if side == "onednn":
         for module in linears:

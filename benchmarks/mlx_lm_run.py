@@ -17,7 +17,7 @@ import json
 import sys
 
 import mlxft  # noqa: F401  (OpenBLAS before mlx.core, as for our trainer)
-from mlxft import _blas
+from mlxft.cpu import blas as _blas
 
 
 class JsonLines:

@@ -25,7 +25,7 @@ def best_rate(run, n: int, repeats: int) -> float:
 
 def mlx_peak(sizes) -> dict:
     import mlxft  # noqa: F401  (loads OpenBLAS unless MLXFT_BLAS=reference)
-    from mlxft import _blas
+    from mlxft.cpu import blas as _blas
 
     import mlx.core as mx
 
@@ -53,7 +53,7 @@ def torch_peak(sizes) -> dict:
 
     rates = {n: best_rate(run, n, 5) for n in sizes}
     out = {"framework": "torch", "threads": torch.get_num_threads(), "gflops": max(rates.values()), "by_size": rates}
-    from torch_backend.cpu_matmul import _linear, _pointwise
+    from mlxft.torch_backend.cpu_matmul import _linear, _pointwise
 
     if _pointwise() is not None:  # the oneDNN route our torch backend takes where it measures faster
 

@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py mlx|torch --model DIR --data DIR --batch 4 --seq 512
 
 Times (median of --repeats, after one warm-up) on one real batch of the data, through our
-backend (`mlxft.train.Session`, LoRA r8 on all linear modules):
+backend (`mlxft.training.session.Session`, LoRA r8 on all linear modules):
   step      backend.train_step (forward, backward, optimizer)
   forward   the loss alone
   fwd_bwd   loss and LoRA gradients, no optimizer
@@ -44,7 +44,7 @@ def timed(fn, repeats: int) -> float:
 def session(fw: str, args):
     from mlxft.config import build_config
     from mlxft.data import epoch_batches
-    from mlxft.train import Session
+    from mlxft.training.session import Session
 
     tmp = tempfile.mkdtemp(prefix="mlxft-profile-")
     cfg = build_config(None, {"model": str(args.model), "data": str(args.data), "backend": fw, "train": True,

@@ -42,7 +42,7 @@ def run_one(name: str, args) -> dict:
     import mlxft  # noqa: F401
     from mlxft.config import build_config
     from mlxft.data import epoch_batches
-    from mlxft.train import Session
+    from mlxft.training.session import Session
 
     with tempfile.TemporaryDirectory() as tmp:
         values = dict(model=str(args.model), data=str(args.data), adapter_path=tmp, train=True, iters=args.steps,

@@ -56,7 +56,7 @@ def peak_rows(r: dict) -> list:
         rows.append((f"MLX + {own.get('blas')} — OPENBLAS_CORETYPE/L2_SIZE unset, OpenBLAS's own pick", own.get("gflops")))
     rows += [(f"MLX + {ref.get('blas')}", ref.get("gflops")),
              (f"torch default (MKL, {torch.get('threads')} threads)", torch.get("gflops")),
-             ("torch via oneDNN (`torch_backend.cpu_matmul`)", torch.get("onednn_gflops"))]
+             ("torch via oneDNN (`mlxft.torch_backend.cpu_matmul`)", torch.get("onednn_gflops"))]
     return rows
 
 

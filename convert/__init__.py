@@ -1,18 +1,10 @@
-"""Model format conversion: HF <-> MLX (`mlxft convert`), and the HF-directory writer fuse reuses."""
+"""Hugging Face <-> MLX model conversions (`mlxft convert`); installed as `mlxft.convert`.
 
-import importlib
+Only the MLX side lives here: the HF-directory writer is numpy-only (`mlxft.model_dir`), so
+a torch-backend run never imports this package or MLX.
+"""
 
-import mlxft  # noqa: F401  (OpenBLAS before anything imports mlx.core)
+from mlxft.convert.hf_to_mlx import to_mlx
+from mlxft.convert.mlx_to_hf import to_hf
 
-# Loaded on first use (PEP 562): `mlxft`'s CLI imports convert.cli for every command, and a
-# torch-backend run must not import MLX (see mlxft/__init__.py).
-_WHERE = {"to_mlx": "convert.hf_to_mlx", "to_hf": "convert.mlx_to_hf", "save_hf_dir": "convert.files",
-          "atomic_output_dir": "convert.files"}
-
-__all__ = ["to_mlx", "to_hf", "save_hf_dir", "atomic_output_dir"]
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'convert' has no attribute {name!r}")
+__all__ = ["to_mlx", "to_hf"]

@@ -8,7 +8,6 @@ and an atomic output directory.
 
 from __future__ import annotations
 
-import mlxft  # noqa: F401  (OpenBLAS before mlx.core, even if convert/__init__ was bypassed)
 import json
 import tempfile
 from pathlib import Path
@@ -17,16 +16,17 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from convert.files import (
-    atomic_output_dir,
-    check_destination,
+from mlxft.mlx_backend.arrays import numpy_weights
+from mlxft.errors import UserError
+from mlxft.fileio import atomic_dir, check_destination
+from mlxft.hub import resolve_model
+from mlxft.model_dir import (
     check_dtype,
     copy_aux_files,
+    read_model_config,
     set_config_dtype,
     write_safetensors,
 )
-from mlxft.errors import UserError
-from mlxft.models import read_model_config, resolve_model
 
 Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
@@ -91,7 +91,6 @@ def to_mlx(
     dtype: Optional[str] = None,
     revision: Optional[str] = None,
     allow_pickle: bool = False,
-    overwrite: bool = False,
 ) -> Path:
     """Convert a HF model to an MLX directory mlx-lm loads; returns the output path.
 
@@ -101,7 +100,7 @@ def to_mlx(
     check_dtype(dtype)
     if quantize:
         check_quant_args(q_bits, q_group_size)
-    check_destination(Path(mlx_path), overwrite)
+    check_destination(Path(mlx_path))
     src = resolve_model(str(hf_path), revision=revision, allow_pickle=allow_pickle)
     with tempfile.TemporaryDirectory() as staging:
         load_dir = src if list(src.glob("*.safetensors")) else _stage_pickle(src, Path(staging))
@@ -114,8 +113,8 @@ def to_mlx(
             from mlx_lm.utils import quantize_model
 
             model, config = quantize_model(model, config, q_group_size, q_bits)
-        weights = dict(tree_flatten(model.parameters()))
-        with atomic_output_dir(Path(mlx_path), overwrite) as tmp:
+        weights = numpy_weights(dict(tree_flatten(model.parameters())))
+        with atomic_dir(Path(mlx_path)) as tmp:
             write_safetensors(weights, tmp, "mlx")
             _save_config(config, tmp / "config.json")
             copy_aux_files(src, tmp)

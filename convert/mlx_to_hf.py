@@ -10,54 +10,41 @@ or the tied `lm_head.weight`, which transformers re-ties from `tie_word_embeddin
 
 from __future__ import annotations
 
-import mlxft  # noqa: F401  (OpenBLAS before mlx.core, even if convert/__init__ was bypassed)
 from pathlib import Path
 from typing import Optional
 
 from mlx.utils import tree_flatten
 
-from convert.files import check_destination, check_dtype, save_hf_dir
+from mlxft.mlx_backend.arrays import numpy_weights
 from mlxft.errors import UserError
-from mlxft.models import check_model_dir, read_model_config
-
-
-def hf_config(config: dict) -> dict:
-    """Undo what the MLX side added: quantization keys and the top-level rope keys
-    `read_model_config` copies out of transformers-5 `rope_parameters`."""
-    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    rope = config.get("rope_parameters")
-    if isinstance(rope, dict):
-        if "rope_theta" in rope and config.get("rope_theta") == rope["rope_theta"]:
-            config.pop("rope_theta")
-        if config.get("rope_scaling") == {k: v for k, v in rope.items() if k != "rope_theta"}:
-            config.pop("rope_scaling")
-    return config
+from mlxft.fileio import check_destination
+from mlxft.model_dir import check_dtype, check_model_dir, hf_config, read_model_config, save_hf_dir
 
 
 def load_mlx_weights(mlx_path: Path) -> tuple[dict, dict]:
-    """(HF-named de-quantized weights, config) of an MLX model directory."""
+    """(HF-named de-quantized weights as numpy, config) of an MLX model directory."""
     from mlx_lm.utils import dequantize_model, load_model
 
     config = read_model_config(mlx_path)
     try:
         model, _ = load_model(mlx_path, lazy=True, model_config=config)
     except (ValueError, FileNotFoundError) as err:
-        raise UserError(f"{mlx_path}: mlx-lm cannot load this model ({str(err).splitlines()[0]})") from None
+        reason = str(err).splitlines()[0]
+        raise UserError(f"{mlx_path}: mlx-lm cannot load this model ({reason})") from None
     if "quantization" in config:
         model = dequantize_model(model)
-    return dict(tree_flatten(model.parameters())), config
+    return numpy_weights(dict(tree_flatten(model.parameters()))), config
 
 
-def to_hf(mlx_path, hf_path, dtype: Optional[str] = None, overwrite: bool = False) -> Path:
+def to_hf(mlx_path, hf_path, dtype: Optional[str] = None) -> Path:
     """Convert an MLX directory (quantized or not) to a HF directory; returns the output path.
 
-    Quantized weights come back in their scales' dtype unless `dtype` says otherwise.
-    """
+    Quantized weights come back in their scales' dtype unless `dtype` says otherwise."""
     check_dtype(dtype)
-    check_destination(Path(hf_path), overwrite)
+    check_destination(Path(hf_path))
     src = Path(mlx_path).expanduser()
     if not src.is_dir():
         raise UserError(f"{src}: MLX model directory not found")
     check_model_dir(src)
     weights, config = load_mlx_weights(src)
-    return save_hf_dir(weights, hf_config(config), src, Path(hf_path), overwrite=overwrite, dtype=dtype)
+    return save_hf_dir(weights, hf_config(config), src, Path(hf_path), dtype=dtype)

@@ -3,7 +3,7 @@
 import importlib.abc
 import sys
 
-from mlxft import _blas
+from mlxft.cpu import blas as _blas
 
 
 class _BlasBeforeMLX(importlib.abc.MetaPathFinder):

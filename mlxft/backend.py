@@ -1,42 +1,146 @@
-"""The small interface every backend implements, and how one is chosen.
+"""The backend contract: what the training loop, inference and the benchmark ask of a backend.
 
-    load(model_path)                  weights in memory, frozen
-    linear_modules(), num_blocks()    what adapters can attach to
-    add_adapters(plan)                wrap the planned linears (plan comes from mlxft.adapters)
-    adapter_weights() / set_adapter_weights(d)   {PEFT key: np.ndarray}
-    setup_training(cfg)               optimizer, checkpointing, compiled step
-    train_step(batches, lr)           -> (loss sum, trained tokens, grad norm)
-    eval_loss(batches)                -> (loss sum, tokens)
-    logits(input_ids)                 float32 numpy
-    peak_memory_gb(), reset_peak_memory(), parameter_counts(), device, dtype
+A backend holds tensor code only.  Every decision about what is allowed, what the defaults are
+and what a run reports is made once, above it (`mlxft.config`, `mlxft.training`); the few
+backend-neutral rules both backends apply inside their tensor code live here, beside the
+contract, so they are stated once:
 
-Batches are `mlxft.data.Batch` (numpy); learning rates come from `mlxft.schedule`.
+- `checkpointed_blocks`: which blocks `grad_checkpoint` recomputes;
+- `head_split_exact`: when the output head may run apart from the model body (and so on the
+  trained positions only);
+- `head_note`: how the run header describes where the head runs.
+
+Backends satisfy `Backend` structurally (no inheritance); `mlxft.backends.get_backend` picks
+one for a config.  Batches are `mlxft.data.Batch` (numpy); learning rates come from
+`mlxft.training.schedule`; weights cross the contract as numpy (`mlxft.model_dir.Tensor`).
 """
 
 from __future__ import annotations
 
-from mlxft.errors import UserError
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from mlxft import flags
+
+# A few token ids every vocabulary has: enough positions to tell `head(body(x))` from a model
+# that scales or soft-caps its logits.
+HEAD_PROBE = np.arange(1, 9, dtype=np.int64)[None]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One tensor framework behind the neutral loop (MLX or torch)."""
+
+    name: str
+    """'mlx' or 'torch': the config's `backend` value, and what checkpoints record."""
+    training_notes: list
+    """Header lines `setup_training` leaves for the run report (fast paths taken, allocator)."""
+
+    @property
+    def device(self) -> str:
+        """Where tensors live: 'cpu', 'gpu'/'metal' (MLX), 'cuda:0'/'mps' (torch)."""
+
+    @property
+    def dtype(self) -> str:
+        """The floating dtype of the loaded weights ('float32', 'bfloat16', 'float16')."""
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the loaded base has quantized linears (QLoRA; only MLX can hold them)."""
+
+    def load(self, model_path: Path) -> None:
+        """Load a checked model directory, frozen (full fine-tuning unfreezes its planned part)."""
+
+    def num_blocks(self) -> int:
+        """How many transformer blocks the model has."""
+
+    def linear_modules(self) -> list:
+        """`LinearInfo` of every linear inside a block, in block order: what adapters attach to."""
+
+    def add_adapters(self, plan) -> None:
+        """Wrap the plan's target linears with LoRA/DoRA layers holding `plan.init`."""
+
+    def adapter_weights(self) -> dict:
+        """{PEFT key: float32 numpy} of the adapter (full fine-tune: every trainable weight)."""
+
+    def set_adapter_weights(self, weights: dict) -> None:
+        """Load {PEFT key: array} into the adapter layers (checked by `match_adapter_weights`)."""
+
+    def model_weights(self) -> dict:
+        """{HF name: numpy tensor} of the whole model in its dtype, tied copies once."""
+
+    def fused_weights(self) -> dict:
+        """{HF name: numpy tensor} with every adapter merged into its linear and every weight
+        dense (de-quantized): a plain model for `fuse` and exports.  Replaces the adapters."""
+
+    def parameter_counts(self) -> tuple:
+        """(trainable, total) parameters; quantized weights counted at their dense size."""
+
+    def setup_training(self, cfg) -> None:
+        """Optimizer, checkpointing and the step for `cfg`; fills `training_notes`."""
+
+    def train_step(self, batches: list, lr: float) -> tuple:
+        """One optimizer step over a grad-accumulation group at learning rate `lr`:
+        (sum of token losses, trained tokens, global gradient norm before clipping)."""
+
+    def eval_loss(self, batches: list) -> tuple:
+        """(sum of token losses, trained tokens) over `batches`, dropout off, no update."""
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """float32 logits (B, T, vocab) for a (B, T) batch, dropout off."""
+
+    def start_generation(self, prompt_ids: list) -> np.ndarray:
+        """Prefill a fresh KV cache with the prompt; float32 logits (vocab,) of its last token."""
+
+    def next_logits(self, token_id: int) -> np.ndarray:
+        """Append one token to the cached sequence; float32 logits (vocab,) for the next."""
+
+    def optimizer_state(self) -> dict:
+        """Flat {PEFT key.slot: numpy, 'step': ...} in `mlxft.training.checkpoint`'s layout."""
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Restore what `optimizer_state` returned (after `setup_training`)."""
+
+    def rng_state(self) -> dict:
+        """{name: numpy} of the generators that drive dropout."""
+
+    def set_rng_state(self, state: dict) -> None:
+        """Restore what `rng_state` returned."""
+
+    def peak_memory_gb(self) -> float:
+        """Peak memory since the last reset, by the device's own accounting."""
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory window."""
 
 
 def checkpointed_blocks(num_blocks: int) -> range:
     """The blocks grad_checkpoint recomputes: every block but the last.  The last block's
     activations feed the output head at once and are spent by the first step of the backward,
-    so keeping them costs no more than the recomputation's own peak, and recomputing them is one
-    block of forward work per step for nothing (1/8 of the recomputation on the 40M bench model)."""
+    so keeping them costs no more than the recomputation's own peak, while recomputing them is
+    a block of forward work per step for nothing."""
     return range(max(num_blocks - 1, 0))
 
 
-def get_backend(cfg):
-    if cfg.backend == "mlx":
-        from mlxft.mlx_backend import MLXBackend
+def head_probe(vocab_size: int | None) -> np.ndarray:
+    """The probe batch (1, 8) for `head_split_exact`, inside the vocabulary."""
+    return HEAD_PROBE % (vocab_size or 8)
 
-        return MLXBackend(cfg)
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise UserError("backend 'torch' needs PyTorch: pip install 'mlxft[torch]'") from None
-    try:
-        from torch_backend import TorchBackend
-    except ImportError as err:
-        raise UserError(f"backend 'torch' is unavailable: {err}") from None
-    return TorchBackend(cfg)
+
+def head_split_exact(direct: np.ndarray, split: np.ndarray) -> bool:
+    """Whether `head(body(probe))` reproduces `model(probe)`: then the head may run on its own
+    (on trained positions only).  Architectures that scale or soft-cap logits fail here."""
+    direct, split = np.asarray(direct, np.float32), np.asarray(split, np.float32)
+    return direct.shape == split.shape and bool(np.allclose(direct, split, rtol=1e-4, atol=1e-4))
+
+
+def head_note(split: bool, chunked: bool = False) -> str:
+    """The run header's line on where the output head runs (both backends)."""
+    if not split:
+        return "output head: inside the model, on every position (its logits are not head(body(x)))"
+    where = (
+        "on trained positions only" if flags.head_rows() else "on every position (MLXFT_HEAD_ROWS=0)"
+    )
+    return f"output head: {where}" + (", chunked cross-entropy" if chunked else "")

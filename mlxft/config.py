@@ -19,6 +19,7 @@ import yaml
 
 from mlxft.errors import UserError
 
+CONFIG_FILE = "mlxft_config.yaml"  # a run's resolved config, beside its adapter and in checkpoints
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 FINE_TUNE_TYPES = ("lora", "dora", "full")
@@ -26,6 +27,12 @@ BACKENDS = ("mlx", "torch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 LORA_KEYS = ("rank", "alpha", "scale", "dropout", "keys")
+# What each optimizer accepts in optimizer_config (the options both backends implement alike).
+OPTIMIZER_OPTIONS = {
+    "adamw": ("betas", "eps", "bias_correction"),
+    "adam": ("betas", "eps", "bias_correction"),
+    "sgd": ("momentum", "dampening", "nesterov"),
+}
 SCHEDULE_KEYS = ("name", "warmup", "warmup_ratio", "min_lr_ratio", "warmup_init")
 # mlx-lm writes e.g. `name: cosine_decay`; accept its names.
 _SCHEDULE_ALIASES = {"cosine_decay": "cosine", "linear_schedule": "linear", "none": "constant"}
@@ -33,57 +40,102 @@ _SCHEDULE_ALIASES = {"cosine_decay": "cosine", "linear_schedule": "linear", "non
 
 @dataclass
 class Config:
-    # what to train, on what
-    model: Optional[str] = None
-    data: Optional[str] = None
-    train: bool = False
-    test: bool = False
-    backend: str = "mlx"
-    device: Optional[str] = None  # torch only: mps | cuda | cpu
-    dtype: str = "auto"
-    fine_tune_type: str = "lora"
-    trust_remote_code: bool = False
-    revision: Optional[str] = None
-    quantize: Optional[int] = None  # QLoRA: quantize the base on load (4 or 8 bits)
-    q_group_size: int = 64
-    # data
-    max_seq_length: int = 2048
-    mask_prompt: bool = False
-    valid_split: float = 0.1
-    prompt_template: Optional[str] = None
-    completion_template: Optional[str] = None
-    chat_template: Optional[str] = None
-    use_chat_template: str = "auto"  # auto | true | false (prompt/completion records)
-    # schedule of work
-    iters: Optional[int] = None
-    epochs: Optional[int] = None
-    batch_size: int = 4
-    grad_accumulation_steps: int = 1
-    grad_checkpoint: bool = False
-    # optimisation
-    learning_rate: float = 1e-5
-    lr_schedule: Any = "constant"
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    optimizer_config: dict = field(default_factory=dict)
-    grad_clip: Optional[float] = None
-    # adapters
-    num_layers: int = 16
-    lora_parameters: dict = field(default_factory=dict)
-    # reporting, evaluation, files
-    steps_per_report: int = 10
-    steps_per_eval: int = 200
-    val_batches: int = 25
-    test_batches: int = 500
-    save_every: int = 100
-    keep_checkpoints: int = 3
-    adapter_path: str = "adapters"
-    resume_adapter_file: Optional[str] = None
-    resume: bool = False
-    resume_from: Optional[str] = None
-    seed: int = 0
+    """Everything a run needs, from YAML and flags; `build_config` fills and checks it."""
 
-    # -------- derived views (backend code reads these, never the raw dicts) --------
+    # --- what to train, on what
+    model: Optional[str] = None
+    """Model directory or Hugging Face hub id."""
+    data: Optional[str] = None
+    """Directory with train/valid[/test].jsonl, or one .jsonl/.json file (split by valid_split)."""
+    train: bool = False
+    """Fine-tune."""
+    test: bool = False
+    """Report loss and perplexity on the test split."""
+    backend: str = "mlx"
+    """Tensor backend: mlx, or torch (the same run on PyTorch)."""
+    device: Optional[str] = None
+    """torch only: mps | cuda[:N] | cpu (default: the best available)."""
+    dtype: str = "auto"
+    """auto (the backend's default) | float32 | bfloat16 | float16."""
+    fine_tune_type: str = "lora"
+    """lora | dora | full."""
+    trust_remote_code: bool = False
+    """Allow the model's or tokenizer's own code to run."""
+    revision: Optional[str] = None
+    """Hub model: the branch, tag or commit to download."""
+    quantize: Optional[int] = None
+    """QLoRA (MLX only): quantize the base to 4 or 8 bits on load."""
+    q_group_size: int = 64
+    """QLoRA quantization group size (32, 64, 128)."""
+    # --- data
+    max_seq_length: int = 2048
+    """Longer examples are truncated (and counted in the header)."""
+    mask_prompt: bool = False
+    """Train on completions / assistant turns only."""
+    valid_split: float = 0.1
+    """Share of a single data file held out for validation."""
+    prompt_template: Optional[str] = None
+    """Render other record shapes: prompt text with {field} placeholders."""
+    completion_template: Optional[str] = None
+    """The trained part of such records, with {field} placeholders."""
+    chat_template: Optional[str] = None
+    """A jinja chat template (text or file) instead of the tokenizer's."""
+    use_chat_template: str = "auto"
+    """prompt/completion records: auto (when the tokenizer has one) | true | false."""
+    # --- schedule of work
+    iters: Optional[int] = None
+    """Optimizer steps (default: from epochs, else 1000)."""
+    epochs: Optional[int] = None
+    """Epochs, when iters is not set."""
+    batch_size: int = 4
+    """Sequences per batch."""
+    grad_accumulation_steps: int = 1
+    """Batches summed into one optimizer step."""
+    grad_checkpoint: bool = False
+    """Recompute block activations in the backward pass to save memory."""
+    # --- optimisation
+    learning_rate: float = 1e-5
+    """Peak learning rate."""
+    lr_schedule: Any = "constant"
+    """constant | linear | cosine, or {name, warmup, warmup_ratio, min_lr_ratio, warmup_init}."""
+    optimizer: str = "adamw"
+    """adamw | adam | sgd (Adam with bias correction, as torch)."""
+    weight_decay: float = 0.0
+    """Decoupled for adamw, coupled for sgd."""
+    optimizer_config: dict = field(default_factory=dict)
+    """Per-optimizer options, e.g. {adamw: {betas: [0.9, 0.95], eps: 1e-8}}."""
+    grad_clip: Optional[float] = None
+    """Clip the global gradient norm to this value."""
+    # --- adapters
+    num_layers: int = 16
+    """Adapt (or, for full, train) the last N blocks; -1: all."""
+    lora_parameters: dict = field(default_factory=dict)
+    """{rank, alpha or scale, dropout, keys}; see the README's table."""
+    # --- reporting, evaluation, files
+    steps_per_report: int = 10
+    """Steps between training reports."""
+    steps_per_eval: int = 200
+    """Steps between validations (also at step 0 and at the end)."""
+    val_batches: int = 25
+    """Validation batches (-1: all), spread over the length range."""
+    test_batches: int = 500
+    """Test batches (-1: all)."""
+    save_every: int = 100
+    """Steps between checkpoints."""
+    keep_checkpoints: int = 3
+    """Newest checkpoints kept."""
+    adapter_path: str = "adapters"
+    """Output directory: adapter, config, metrics.jsonl, checkpoints."""
+    resume_adapter_file: Optional[str] = None
+    """Start a NEW run from an existing adapter's weights."""
+    resume: bool = False
+    """Continue the run in adapter_path from its latest checkpoint."""
+    resume_from: Optional[str] = None
+    """Continue from this checkpoint directory."""
+    seed: int = 0
+    """Seed for adapter init, batch order and dropout."""
+
+    # --- derived views (backend code reads these, never the raw dicts)
     @property
     def lora_rank(self) -> int:
         return int(self.lora_parameters["rank"])
@@ -103,6 +155,16 @@ class Config:
     @property
     def lora_keys(self) -> Optional[list]:
         return self.lora_parameters.get("keys")
+
+    @property
+    def optimizer_options(self) -> dict:
+        """Keyword arguments for the chosen optimizer, checked (betas a tuple, bias
+        correction implied: both backends always bias-correct)."""
+        options = dict(self.optimizer_config.get(self.optimizer) or {})
+        options.pop("bias_correction", None)
+        if "betas" in options:
+            options["betas"] = tuple(options["betas"])
+        return options
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,10 +200,37 @@ def _closest(key: str, options) -> str:
     return f"did you mean '{match[0]}'?" if match else "valid keys: " + ", ".join(sorted(options))
 
 
+def packaged_recipes() -> dict:
+    """{name: (path, one-line summary)} of the recipes installed with mlxft (`mlxft.recipes`),
+    the summary being the first comment line of each YAML."""
+    from importlib.resources import files
+
+    found = {}
+    for entry in sorted(files("mlxft.recipes").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            first = entry.read_text().splitlines()[0] if entry.read_text() else ""
+            summary = first.lstrip("#").strip() if first.startswith("#") else ""
+            found[entry.name[: -len(".yaml")]] = (Path(str(entry)), summary)
+    return found
+
+
+def resolve_config(value: str | Path) -> Path:
+    """A config path: an existing file wins; a bare name (`alpaca_chat` or `alpaca_chat.yaml`)
+    is a packaged recipe, so recipes work from an installed wheel as well as from a clone."""
+    path = Path(os.path.expanduser(str(value)))
+    if path.is_file():
+        return path
+    name = str(value)
+    if "/" not in name and os.sep not in name:
+        recipe = packaged_recipes().get(name[: -len(".yaml")] if name.endswith(".yaml") else name)
+        if recipe:
+            return recipe[0]
+    names = ", ".join(packaged_recipes())
+    raise UserError(f"{path}: config file not found (nor a recipe name; recipes: {names})")
+
+
 def read_yaml(path: str | Path) -> dict:
-    path = Path(os.path.expanduser(str(path)))
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
+    path = resolve_config(path)
     try:
         data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.MarkedYAMLError as err:
@@ -150,7 +239,9 @@ def read_yaml(path: str | Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}")
+        raise UserError(
+            f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}"
+        )
     return data
 
 
@@ -240,6 +331,53 @@ def _normalize_lora(value: dict, where: str) -> dict:
     return {"rank": rank, "scale": float(scale), "alpha": float(scale) * rank, "dropout": float(dropout), "keys": keys}
 
 
+def _number(value, where: str, key: str, low: float, high: float = float("inf")) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+        bounds = f"in [{low:g}, {high:g})" if high != float("inf") else f">= {low:g}"
+        raise UserError(f"{where}: {key} must be a number {bounds}, got {value!r}")
+    return float(value)
+
+
+def _normalize_optimizer(value: dict, where: str) -> dict:
+    """Check every option of every optimizer block (types included), so a typo fails before
+    any model loads, the same way on both backends."""
+    out = {}
+    for name, options in (value or {}).items():
+        if name not in OPTIMIZER_OPTIONS:
+            raise UserError(
+                f"{where}: unknown optimizer 'optimizer_config.{name}', "
+                f"{_closest(str(name), OPTIMIZER_OPTIONS)}"
+            )
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise UserError(f"{where}: optimizer_config.{name} must be a mapping of options")
+        checked = {}
+        for key, v in options.items():
+            path = f"optimizer_config.{name}.{key}"
+            if key not in OPTIMIZER_OPTIONS[name]:
+                raise UserError(
+                    f"{where}: {path}: not an option of {name} "
+                    f"(options: {', '.join(OPTIMIZER_OPTIONS[name])})"
+                )
+            if key == "betas":
+                if not isinstance(v, (list, tuple)) or len(v) != 2:
+                    raise UserError(f"{where}: {path} must be two numbers, e.g. [0.9, 0.999]")
+                checked[key] = [_number(b, where, path, 0.0, 1.0) for b in v]
+            elif key in ("eps", "momentum", "dampening"):
+                checked[key] = _number(v, where, path, 0.0)
+            elif key == "nesterov":
+                if not isinstance(v, bool):
+                    raise UserError(f"{where}: {path} must be true or false")
+                checked[key] = v
+            elif v is not True:  # bias_correction
+                raise UserError(
+                    f"{where}: {path}: both backends always bias-correct (as torch); remove the key"
+                )
+        out[name] = checked
+    return out
+
+
 def _expand(path: Optional[str]) -> Optional[str]:
     if path is None or "{{" in path or "{%" in path:  # an inline jinja template, not a path
         return None if path is None else path
@@ -278,6 +416,7 @@ def build_config(config_file: Optional[str] = None, overrides: Optional[dict] = 
     where_of = lambda key: sources.get(key, config_file or "mlxft lora")  # noqa: E731
     cfg.lr_schedule = _normalize_schedule(cfg.lr_schedule, where_of("lr_schedule"))
     cfg.lora_parameters = _normalize_lora(cfg.lora_parameters or {}, where_of("lora_parameters"))
+    cfg.optimizer_config = _normalize_optimizer(cfg.optimizer_config, where_of("optimizer_config"))
     for key in _PATH_KEYS:
         setattr(cfg, key, _expand(getattr(cfg, key)))
     _validate(cfg, where_of)
@@ -312,6 +451,16 @@ def _validate(cfg: Config, where_of) -> None:
     need(cfg.use_chat_template in ("auto", "true", "false"), "use_chat_template", "use_chat_template must be auto, true or false")
     need(cfg.val_batches == -1 or cfg.val_batches >= 1, "val_batches", "val_batches must be -1 (all) or at least 1")
     need(cfg.test_batches == -1 or cfg.test_batches >= 1, "test_batches", "test_batches must be -1 (all) or at least 1")
+    # what a backend cannot do, decided here so a run fails before it touches any file
+    need(cfg.backend == "mlx" or cfg.quantize is None, "quantize",
+         "quantize (QLoRA) is only supported by the MLX backend; drop --quantize or use --backend mlx")
+    # mx.checkpoint re-draws dropout masks when it recomputes a block, so the gradients would
+    # belong to other masks than the loss
+    need(not (cfg.backend == "mlx" and cfg.grad_checkpoint and cfg.fine_tune_type != "full"
+              and cfg.lora_dropout > 0), "grad_checkpoint",
+         "grad_checkpoint with lora_parameters.dropout > 0 gives wrong gradients on the MLX backend "
+         "(the recomputation draws new dropout masks); set dropout: 0.0, turn grad_checkpoint off, "
+         "or use --backend torch")
     if cfg.train or cfg.test:
         need(cfg.model is not None, "model", "no model: pass --model PATH_OR_HUB_ID or set 'model' in the config")
         need(cfg.data is not None, "data", "no data: pass --data DIR_OR_FILE or set 'data' in the config")

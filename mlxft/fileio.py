@@ -1,7 +1,9 @@
 """Crash-safe writes: every file or directory appears complete or not at all.
 
-Written to a temporary name in the same directory, flushed, then renamed (rename is atomic
-within a filesystem), so a kill at any moment leaves the previous version or the new one.
+Everything mlxft writes goes through here.  A file or directory is written under a temporary
+name in its destination's own directory (`.<name>.tmp-<random>`), flushed, then renamed:
+rename is atomic within a filesystem, so a kill at any moment leaves the previous version or
+the new one, never a mix.  Destinations are checked before any slow work starts.
 """
 
 from __future__ import annotations
@@ -11,7 +13,15 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+from mlxft.errors import UserError
+
+
+def temp_prefix(path: Path) -> str:
+    """The name prefix of `path`'s temporary files and directories (`.<name>.tmp-`)."""
+    return f".{Path(path).name}.tmp-"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -34,7 +44,7 @@ def atomic_file(path: Path, mode: str = "wb"):
     """Yield a temporary file object; on success it replaces `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -67,43 +77,49 @@ def save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) ->
         handle.write(blob)
 
 
-@contextlib.contextmanager
-def atomic_dir(path: Path, overwrite: bool = True):
-    """Yield a temporary directory; on success it becomes `path` (replacing an old one)."""
+def check_destination(path: Path, what: str = "output directory", empty: bool = True) -> None:
+    """Fail before any work when `path` cannot become a directory we write: it is a file, its
+    nearest existing parent is not writable, or (`empty`) it already holds something, which a
+    conversion or export must never replace by accident."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what}: {path} is a file, not a directory; choose another path")
+    root = path
+    while not root.exists():
+        root = root.parent
+    if root != path and not root.is_dir():
+        raise UserError(f"{what}: {path} cannot be created ({root} is a file)")
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: {root} is not writable; choose another path")
+    if empty and path.is_dir() and any(path.iterdir()):
+        raise UserError(f"{what}: {path} already exists and is not empty; remove it or choose another path")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success it becomes `path`.
+
+    `replace` swaps out an existing `path` (checkpoints); otherwise a non-empty `path` is
+    refused before and again after the work (someone may have written there meanwhile)."""
+    path = Path(path).expanduser().absolute()
+    if not replace:
+        check_destination(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         _fsync_dir(tmp)
+        if not replace:
+            check_destination(path)
+        old = None
         if path.exists():
-            if not overwrite:
-                raise FileExistsError(path)
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
         _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def check_writable(path: Path, what: str = "adapter_path") -> None:
-    """Fail before any work when an output directory cannot be created or written."""
-    from mlxft.errors import UserError
-
-    path = Path(path)
-    probe_root = path
-    while not probe_root.exists():
-        probe_root = probe_root.parent
-    if probe_root != path and not probe_root.is_dir():
-        raise UserError(f"{what}: {path} cannot be created ({probe_root} is a file)")
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what}: {path} is a file, not a directory; choose another {what}")
-    if not os.access(probe_root, os.W_OK | os.X_OK):
-        raise UserError(f"{what}: {probe_root} is not writable; choose another {what}")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlxft.config import build_config
-from mlxft.train import Session
+from mlxft.training.session import Session
 
 
 def make_config(model: Path, data: Path, out: Path, **overrides):

@@ -9,7 +9,7 @@ from mlxft.adapters.files import adapter_config, load_adapter, peft_key, save_ad
 from mlxft.adapters.targets import LinearInfo, init_lora, plan_adapters
 from mlxft.config import build_config
 from mlxft.errors import UserError
-from mlxft.schedule import learning_rate
+from mlxft.training.schedule import learning_rate
 
 LINEARS = [
     LinearInfo(f"model.layers.{i}.{name}", 64, 64)

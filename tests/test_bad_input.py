@@ -338,7 +338,7 @@ def test_fuzzed_jsonl_never_tracebacks_or_hangs(stories, tmp_path):
 # -------------------------------------------------------------------- safe loading
 def test_safe_loading_defaults_and_revision_pin(wikisql_small, tmp_path, monkeypatch):
     """trust_remote_code is off unless asked; --revision reaches the hub download; pickle is refused."""
-    from mlxft import models
+    from mlxft import hub as models
     from mlxft.config import build_config
     from mlxft.errors import UserError
 

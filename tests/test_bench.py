@@ -9,7 +9,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mlxft.bench import available, loss_difference, plot, summarize
+from mlxft.bench.compare import available, loss_difference, plot, summarize
 from mlxft.cli import main
 
 

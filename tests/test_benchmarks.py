@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("torch")
 
 from mlxft.data import epoch_batches, load_splits, pad_token_id  # noqa: E402
-from mlxft.train import load_tokenizer  # noqa: E402
+from mlxft.hub import load_tokenizer  # noqa: E402
 from tests.session_helpers import make_config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-CHECK = "import mlxft, mlxft._blas as b; print(b.status())"
+CHECK = "import mlxft, mlxft.cpu.blas as b; print(b.status())"
 
 
 def run(env_extra, code=CHECK):
@@ -31,7 +31,7 @@ def test_kernels_are_named_and_a_forced_core_type_is_said():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux-only route")
 def test_opt_out_and_too_late_are_reported():
     assert "reference BLAS (MLXFT_BLAS=reference)" in run({"MLXFT_BLAS": "reference"}).stdout
-    late = run({}, "import mlx.core, mlxft, mlxft._blas as b; print(b.status())")
+    late = run({}, "import mlx.core, mlxft, mlxft.cpu.blas as b; print(b.status())")
     assert "mlx.core was imported before mlxft" in late.stdout
 
 
@@ -50,7 +50,7 @@ def test_info_command_names_blas():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux-only route")
 def test_openblas_waits_for_mlx_and_stays_out_of_torch_processes():
     # libtorch exports sgemm_ & co.: a process-wide OpenBLAS would take over torch's matmuls
-    code = ("import mlxft, mlxft._blas as b, torch, ctypes; print(b._STATE['name']); "
+    code = ("import mlxft, mlxft.cpu.blas as b, torch, ctypes; print(b._STATE['name']); "
             "import mlx.core; print(b._STATE['name'])")
     out = run({}, code)
     assert out.returncode == 0, out.stderr

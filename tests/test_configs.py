@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mlxft.config import build_config
-from mlxft.train import Session
+from mlxft.training.session import Session
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))

@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
-import convert
-from convert.files import save_hf_dir
+import mlxft.convert as convert
+from mlxft.model_dir import save_hf_dir
 from mlxft.cli import main
 from mlxft.errors import UserError
 from tests.tiny_models import FAMILIES
@@ -152,7 +152,7 @@ def test_save_hf_dir_refuses_unknown_names_atomically(tiny_llama, tmp_path):
 
 
 def test_crash_mid_write_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
-    import convert.hf_to_mlx as h2m
+    import mlxft.convert.hf_to_mlx as h2m
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt

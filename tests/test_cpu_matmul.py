@@ -1,4 +1,4 @@
-"""Frozen float32 linears on oneDNN (torch_backend.cpu_matmul): same numbers as torch's own
+"""Frozen float32 linears on oneDNN (mlxft.torch_backend.cpu_matmul): same numbers as torch's own
 linear, forward and input gradient, and the same training run either way."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mlxft.data import epoch_batches  # noqa: E402
-from mlxft.train import Session  # noqa: E402
+from mlxft.training.session import Session  # noqa: E402
 from tests.session_helpers import make_config  # noqa: E402
-from torch_backend import cpu_matmul  # noqa: E402
-from torch_backend.cpu_matmul import OneDNNLinear, choose  # noqa: E402
-from torch_backend.lora import LoRALinear  # noqa: E402
+from mlxft.torch_backend import cpu_matmul  # noqa: E402
+from mlxft.torch_backend.cpu_matmul import OneDNNLinear, choose  # noqa: E402
+from mlxft.torch_backend.lora import LoRALinear  # noqa: E402
 
 needs_onednn = pytest.mark.skipif(cpu_matmul._pointwise() is None, reason="torch built without oneDNN")
 

@@ -1,7 +1,7 @@
 """The MLX backend's CPU fast paths compute what mlx-lm's own ops compute.
 
 Chunked head loss (mlxft.mlx_backend.loss), the power-exp causal attention swapped in for mlx-lm's
-SDPA helper (mlxft.mlx_backend.attention), and the allocator thresholds (mlxft._malloc).
+SDPA helper (mlxft.mlx_backend.attention), and the allocator thresholds (mlxft.cpu.malloc).
 """
 
 import sys
@@ -11,7 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlxft import _malloc
+from mlxft.cpu import malloc as _malloc
 from mlxft.mlx_backend import attention
 from mlxft.mlx_backend.attention import causal_attention, causal_bias, fast_attention, model_modules
 from mlxft.mlx_backend.backend import load_mlx_model

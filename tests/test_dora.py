@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from mlxft.errors import UserError
 from mlxft.mlx_backend.backend import loss_sum
 from mlxft.mlx_backend.dora import DoRALinear
-from mlxft.train import Session
+from mlxft.training.session import Session
 from tests.session_helpers import make_config, token_ids, train, train_losses
 
 torch = pytest.importorskip("torch")
@@ -170,7 +170,7 @@ def test_dora_dropout_follows_peft_on_both_backends():
     np.testing.assert_allclose(np.array(layer(mx.array(x))), _peft_dropout_formula(x, x, w, bias, a, b, m, 2.0),
                                atol=1e-5)
 
-    from torch_backend.dora import DoRALinear as TorchDoRA
+    from mlxft.torch_backend.dora import DoRALinear as TorchDoRA
 
     tbase = torch.nn.Linear(16, 24)
     with torch.no_grad():

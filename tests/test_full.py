@@ -10,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlxft.errors import UserError
-from mlxft.train import Session
+from mlxft.training.session import Session
 from tests.session_helpers import make_config, token_ids, train, train_losses
 
 torch = pytest.importorskip("torch")

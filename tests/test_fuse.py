@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from mlxft.cli import main
 from mlxft.config import build_config
-from mlxft.inference import load_for_inference
-from mlxft.train import Session
+from mlxft.inference.load import load_for_inference
+from mlxft.training.session import Session
 from tests.conftest import WIKISQL
 
 IDS = np.array([[1, 5, 9, 30, 44, 100, 7, 8, 200, 13, 60, 2]])
@@ -78,7 +78,7 @@ def test_fused_model_generates_what_the_adapter_does(tiny_llama, tmp_path):
 
 
 def test_quantized_base_needs_de_quantize(tiny_llama, tmp_path):
-    from convert import to_mlx
+    from mlxft.convert import to_mlx
 
     qbase = to_mlx(tiny_llama, tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32)
     adapter = train_adapter(qbase, small_data(tmp_path), tmp_path / "adapter")

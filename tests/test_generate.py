@@ -11,9 +11,9 @@ from safetensors.numpy import load_file, save_file
 
 from mlxft.cli import main
 from mlxft.errors import UserError
-from mlxft.generate import (Sampler, SamplingParams, StreamDecoder, chat_prompt_ids, eos_ids, generate,
-                            raw_prompt_ids)
-from mlxft.inference import load_for_inference
+from mlxft.data.templates import chat_prompt_ids
+from mlxft.inference.sampling import Sampler, SamplingParams, StreamDecoder, eos_ids, generate, raw_prompt_ids
+from mlxft.inference.load import load_for_inference
 
 STORIES_START = ", there was a little girl named Lily"
 
@@ -190,7 +190,7 @@ def test_prompt_wrapped_in_chat_template_unless_ignored(tiny_llama):
 # ---------------------------------------------------------------------------- streaming text
 @pytest.mark.parametrize("which", ["stories", "tiny"])
 def test_stream_decoder_handles_partial_utf8(which, stories, tiny_llama):
-    from mlxft.train import load_tokenizer
+    from mlxft.hub import load_tokenizer
     from mlxft.config import build_config
 
     tok = load_tokenizer(stories if which == "stories" else tiny_llama, build_config(None, {}))
@@ -258,7 +258,7 @@ def test_cli_argument_errors(stories):
 
 
 def test_qlora_adapter_generates_on_the_quantized_base(tiny_llama, tmp_path):
-    from mlxft.inference import trained_quantization
+    from mlxft.inference.load import trained_quantization
     from tests.test_fuse import small_data, train_adapter
 
     adapter = train_adapter(tiny_llama, small_data(tmp_path), tmp_path / "qlora", quantize=4)

@@ -10,7 +10,7 @@ import signal
 import pytest
 from click.testing import CliRunner
 
-from mlxft import guards
+from mlxft.training import guards
 from mlxft.cli import main
 from mlxft.errors import UserError
 from mlxft.mlx_backend import MLXBackend

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mlxft.data import epoch_batches, head_rows
-from mlxft.train import Session
+from mlxft.training.session import Session
 from tests.conftest import write_wikisql
 from tests.session_helpers import make_config
 
@@ -88,7 +88,7 @@ def test_backends_agree_on_trained_rows(tiny_llama, completions, tmp_path, monke
 def test_a_quantized_head_splits_without_chunking(tiny_llama, tmp_path):
     import mlx.core as mx
 
-    from convert import to_mlx
+    from mlxft.convert import to_mlx
     from mlxft.mlx_backend.backend import load_mlx_model
     from mlxft.mlx_backend.loss import HeadLoss, loss_sum
 

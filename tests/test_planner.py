@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import mlxft  # noqa: F401
-from mlxft import planner
+from mlxft.training import planner
 from mlxft.cli import main
 from mlxft.config import build_config
 
@@ -49,7 +49,7 @@ def config(model, data, out, **kw):
     ("tiny_llama", dict(batch_size=8, max_seq_length=256, quantize=4, fine_tune_type="dora")),
 ])
 def test_estimate_is_close_to_measured_peak(model_name, settings, request, long_data, tmp_path):
-    from mlxft.train import Session
+    from mlxft.training.session import Session
 
     model = request.getfixturevalue(model_name)
     cfg = config(model, long_data, tmp_path / "out", **settings)

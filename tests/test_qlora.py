@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from mlxft.errors import UserError
 from mlxft.mlx_backend.dora import DoRALinear
 from mlxft.mlx_backend.lora import LoRALinear, dense_weight
-from mlxft.train import Session
+from mlxft.training.session import Session
 from tests.session_helpers import make_config, train, train_losses
 
 
@@ -24,7 +24,7 @@ def _adapted(session) -> list:
 @pytest.fixture(scope="module")
 def quantized_llama(tiny_llama, tmp_path_factory):
     """tiny llama converted with `mlxft convert -q` (4 bits, group 32)."""
-    from convert import to_mlx
+    from mlxft.convert import to_mlx
 
     out = tmp_path_factory.mktemp("qllama") / "mlx-q4"
     return to_mlx(tiny_llama, out, quantize=True, q_bits=4, q_group_size=32)

@@ -43,10 +43,10 @@ def losses(out: Path) -> dict:
 def backend_ready(name: str):
     if name == "torch":
         pytest.importorskip("torch")
-        from torch_backend import TorchBackend
+        from mlxft.torch_backend import TorchBackend
 
         if not hasattr(TorchBackend, "optimizer_state"):
-            pytest.skip("torch_backend.TorchBackend does not implement optimizer_state yet")
+            pytest.skip("mlxft.torch_backend.TorchBackend does not implement optimizer_state yet")
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +255,7 @@ def test_schedule_change_is_allowed_with_a_notice(stories, data, short_run, tmp_
 def test_optimizer_state_round_trip_and_layout(stories, data, tmp_path):
     """Flat PEFT-keyed state: export -> import into a fresh optimizer -> export is identical."""
     from mlxft.config import build_config
-    from mlxft.train import Session
+    from mlxft.training.session import Session
 
     for optimizer, slots in (("adamw", {"exp_avg", "exp_avg_sq"}), ("sgd", {"momentum_buffer"})):
         extra = {"optimizer_config": {"sgd": {"momentum": 0.9}}} if optimizer == "sgd" else {}
@@ -293,7 +293,9 @@ def test_rng_state_round_trip(stories, data, tmp_path):
 def test_position_continues_across_the_epoch_boundary(stories, data):
     from mlxft.config import build_config
     from mlxft.data import load_splits
-    from mlxft.train import Position, _batches, load_tokenizer
+    from mlxft.hub import load_tokenizer
+    from mlxft.training.checkpoint import Position
+    from mlxft.training.session import batch_stream as _batches
 
     cfg = build_config(overrides=dict(model=str(stories), data=str(data), batch_size=4, max_seq_length=96))
     split = load_splits(cfg, load_tokenizer(stories, cfg))["train"]

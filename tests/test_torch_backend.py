@@ -17,11 +17,11 @@ torch = pytest.importorskip("torch")
 from mlxft.cli import main  # noqa: E402
 from mlxft.data import epoch_batches  # noqa: E402
 from mlxft.errors import UserError  # noqa: E402
-from mlxft.train import Session  # noqa: E402
+from mlxft.training.session import Session  # noqa: E402
 from tests.conftest import REPO, write_wikisql  # noqa: E402
 from tests.session_helpers import make_config  # noqa: E402
-from torch_backend.device import available_devices, pick_device, pick_dtype  # noqa: E402
-from torch_backend.lora import LoRALinear  # noqa: E402
+from mlxft.torch_backend.device import available_devices, pick_device, pick_dtype  # noqa: E402
+from mlxft.torch_backend.lora import LoRALinear  # noqa: E402
 
 TRAIN_FIELDS = {"step", "train_loss", "learning_rate", "tokens_per_second", "iterations_per_second",
                 "trained_tokens", "peak_memory_gb", "grad_norm"}
@@ -102,9 +102,9 @@ def test_cli_refuses_a_quantized_mlx_base(tiny_llama, data, tmp_path):
 
 
 def test_optimizer_options_are_checked(tiny_llama, data, tmp_path):
-    s = session(tiny_llama, data, tmp_path / "o", optimizer_config={"adamw": {"momentum": 0.9}})
+    # checked once, in the config layer, before any model loads (it was the torch backend's)
     with pytest.raises(UserError, match=r"optimizer_config.adamw.momentum: not an option of adamw"):
-        s.backend.setup_training(s.cfg)
+        session(tiny_llama, data, tmp_path / "o", optimizer_config={"adamw": {"momentum": 0.9}})
 
 
 # ---------------------------------------------------------------- the CLI run
@@ -184,7 +184,7 @@ def test_grad_checkpoint_recomputes_the_blocks(tiny_llama, data, tmp_path):
     the block's last base matmul (not needed by the backward), and gives the same gradients."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from torch_backend.checkpoint import attention_ops
+    from mlxft.torch_backend.checkpoint import attention_ops
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -251,6 +251,6 @@ def test_resume_replays_exactly(tiny_llama, data, tmp_path, optimizer, state_nam
 
 
 def test_mlx_path_does_not_import_torch():
-    code = "import mlxft.train, mlxft.mlx_backend, mlxft.cli, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import mlxft.training.session, mlxft.mlx_backend, mlxft.cli, sys; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

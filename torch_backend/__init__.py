@@ -3,6 +3,6 @@
 Imported only for `backend: torch`, so the MLX path never loads torch.
 """
 
-from torch_backend.backend import TorchBackend
+from mlxft.torch_backend.backend import TorchBackend
 
 __all__ = ["TorchBackend"]

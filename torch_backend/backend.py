@@ -1,10 +1,10 @@
 """PyTorch backend: transformers' architectures, our LoRA layers, the MLX backend's training math.
 
-Implements the interface in `mlxft.backend` so `mlxft.train.Session` runs unchanged.  What
+Implements the interface in `mlxft.backend` so `mlxft.training.session.Session` runs unchanged.  What
 must match the MLX backend for loss parity: the loss (sum of fp32 token cross-entropies
 over the mask, no attention mask: right padding only ever follows real tokens), gradient
 accumulation (sum over the group, divided by the group's trained tokens), clipping and the
-optimizer (see `torch_backend.optim`).  The base model stays in eval mode throughout, as
+optimizer (see `mlxft.torch_backend.optim`).  The base model stays in eval mode throughout, as
 mlx-lm's architectures have no dropout: only the LoRA dropout (and the checkpointing flag)
 switch on for training.
 """
@@ -21,14 +21,23 @@ from torch import nn
 
 from mlxft.adapters.files import match_adapter_weights, peft_key
 from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
-from mlxft.backend import checkpointed_blocks
-from mlxft.data.batching import head_note, head_rows
+from mlxft.backend import checkpointed_blocks, head_note, head_probe, head_split_exact
+from mlxft.data.batching import head_rows
 from mlxft.errors import UserError
-from torch_backend.device import MemoryMeter, pick_device, pick_dtype, rng_state, set_rng_state
-from torch_backend.dora import DoRALinear
-from torch_backend.generate import KVGeneration
-from torch_backend.lora import LoRALinear
-from torch_backend.optim import load_optimizer_state, make_optimizer, optimizer_state
+from mlxft.model_dir import BF16
+from mlxft.torch_backend.device import MemoryMeter, pick_device, pick_dtype, rng_state, set_rng_state
+from mlxft.torch_backend.dora import DoRALinear
+from mlxft.torch_backend.generate import KVGeneration
+from mlxft.torch_backend.lora import LoRALinear
+from mlxft.torch_backend.optim import load_optimizer_state, make_optimizer, optimizer_state
+
+
+def to_numpy(t: torch.Tensor):
+    """A tensor as numpy in its own dtype; bfloat16 as its raw bits (`BF16`), exactly."""
+    t = t.detach().to("cpu")
+    if t.dtype == torch.bfloat16:
+        return BF16(t.contiguous().view(torch.int16).numpy().view(np.uint16).copy())
+    return t.numpy().copy()
 
 
 def refuse_quantized(model_path: Path, config: dict) -> None:
@@ -75,9 +84,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, cfg):
-        if cfg.quantize:
-            raise UserError("quantize (QLoRA) is only supported by the MLX backend; drop --quantize or use --backend mlx")
         self.cfg = cfg
+        self.training_notes = []
         self._device = pick_device(cfg.device)
         self._dtype = None
         self.model = None
@@ -98,6 +106,10 @@ class TorchBackend:
     @property
     def dtype(self) -> str:
         return str(self._dtype).replace("torch.", "")
+
+    @property
+    def quantized(self) -> bool:
+        return False  # `load` refuses MLX-quantized models
 
     def load(self, model_path: Path) -> None:
         model_path = Path(model_path)
@@ -171,14 +183,24 @@ class TorchBackend:
                 getattr(layer, name).copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)))
 
     def model_weights(self) -> dict:
-        """Every weight under its Hugging Face name, float32 numpy (the saver casts back to the
-        model's dtype; bf16 -> fp32 -> bf16 is exact), tied copies once, for a full fine-tune."""
+        """Every weight under its Hugging Face name in the model's dtype, tied copies once."""
         out, seen = {}, set()
         for name, t in self.model.state_dict().items():
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
-                out[name] = t.detach().to("cpu", torch.float32).numpy()
+                out[name] = to_numpy(t)
         return out
+
+    @torch.no_grad()
+    def fused_weights(self) -> dict:
+        """Each adapter layer replaced by a plain Linear holding its own merge (`fused_weight`)."""
+        for path, layer in self._lora_layers():
+            base = layer.base
+            base.weight.copy_(layer.fused_weight().to(base.weight.dtype))
+            parent_path, _, child = path.rpartition(".")
+            setattr(self.model.get_submodule(parent_path), child, base)
+        self.plan = None
+        return self.model_weights()
 
     def parameter_counts(self) -> tuple:
         params = list(self.model.parameters())
@@ -209,11 +231,11 @@ class TorchBackend:
         self._steps = 0
         self._split = self._split_head()
         self.training_notes = [head_note(self._split is not None)]
-        if self._device.type == "cpu":  # same page-fault tax as MLX's CPU steps (mlxft._malloc)
-            from mlxft import _malloc
-            from torch_backend.cpu_matmul import use_onednn
+        if self._device.type == "cpu":  # same page-fault tax as MLX's CPU steps (mlxft.cpu.malloc)
+            from mlxft.cpu import malloc
+            from mlxft.torch_backend.cpu_matmul import use_onednn
 
-            self.training_notes.insert(0, f"allocator: {_malloc.tune()}")
+            self.training_notes.insert(0, f"allocator: {malloc.tune()}")
             rows = cfg.batch_size * cfg.max_seq_length
             self.training_notes.insert(1, f"CPU matmuls: {use_onednn(self.model, rows)}")
         if cfg.grad_checkpoint:
@@ -222,8 +244,8 @@ class TorchBackend:
     def _enable_checkpointing(self, cfg) -> None:
         """transformers' per-block checkpointing, non-reentrant (gradients reach the LoRA weights
         without the inputs requiring grad), minus the last block (mlxft.backend.checkpointed_blocks),
-        keeping the attention kernels' outputs (torch_backend.checkpoint)."""
-        from torch_backend.checkpoint import checkpoint_kwargs
+        keeping the attention kernels' outputs (mlxft.torch_backend.checkpoint)."""
+        from mlxft.torch_backend.checkpoint import checkpoint_kwargs
 
         kwargs = checkpoint_kwargs()
         try:
@@ -251,11 +273,11 @@ class TorchBackend:
             return None
         training = self._training
         self._set_training(False)
-        probe = torch.arange(1, 9, device=self._device)[None] % self.model.config.vocab_size
+        probe = torch.as_tensor(head_probe(self.model.config.vocab_size), device=self._device)
         try:
-            direct = self.model(input_ids=probe, use_cache=False).logits.float()
+            direct = self.model(input_ids=probe, use_cache=False).logits.float().cpu().numpy()
             split = head(body(input_ids=probe, use_cache=False).last_hidden_state).float()
-            same = direct.shape == split.shape and torch.allclose(direct, split, rtol=1e-4, atol=1e-4)
+            same = head_split_exact(direct, split.cpu().numpy())
         except (TypeError, ValueError, AttributeError, RuntimeError):
             same = False
         finally:

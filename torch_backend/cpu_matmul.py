@@ -21,6 +21,8 @@ import time
 import torch
 from torch import nn
 
+from mlxft import flags
+
 
 def _pointwise():
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
@@ -67,8 +69,8 @@ def _rate(fn, flops: float) -> float:
 
 def choose(weight: torch.Tensor, rows: int) -> tuple:
     """('onednn' | 'mkl', note) for float32 CPU products with `weight` (out, in) at `rows` rows."""
-    forced = os.environ.get("MLXFT_CPU_MATMUL", "").lower()
-    if forced in ("mkl", "onednn"):
+    forced = flags.cpu_matmul()
+    if forced:
         if forced == "onednn" and _pointwise() is None:
             return "mkl", "torch default (oneDNN unavailable in this torch)"
         return forced, f"{'oneDNN' if forced == 'onednn' else 'torch default'} (MLXFT_CPU_MATMUL={forced})"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_backend.lora import LoRALinear
+from mlxft.torch_backend.lora import LoRALinear
 
 
 class DoRALinear(LoRALinear):
@@ -45,3 +45,9 @@ class DoRALinear(LoRALinear):
             base_out = y - rest
         lora_out = (x @ self.lora_A.T.to(x.dtype)) @ self.lora_B.T.to(x.dtype)
         return rest + (factor * (base_out + self.scale * lora_out)).to(y.dtype)
+
+    @torch.no_grad()
+    def fused_weight(self) -> torch.Tensor:
+        """m / ||W + s B A||_row * (W + s B A), in float32 (PEFT's merge); the bias is unchanged."""
+        merged = super().fused_weight()
+        return (self.lora_magnitude_vector / merged.norm(dim=1))[:, None] * merged

@@ -1,7 +1,7 @@
 """Token-by-token generation on torch with a transformers KV cache (the MLX side: `KVGeneration`).
 
 The cache lives here, between `start` (prefill the prompt) and `step` (one token), so the
-neutral sampler in `mlxft.generate` only ever sees float32 logits of the last position.
+neutral sampler in `mlxft.inference.sampling` only ever sees float32 logits of the last position.
 """
 
 from __future__ import annotations

@@ -36,3 +36,8 @@ class LoRALinear(nn.Module):
         delta = self.delta(x)
         y = self.base(x)
         return y + delta.to(y.dtype)
+
+    @torch.no_grad()
+    def fused_weight(self) -> torch.Tensor:
+        """W + scale * B A, in float32 (for fusing); the bias is unchanged."""
+        return self.base.weight.float() + self.scale * (self.lora_B @ self.lora_A)

@@ -14,27 +14,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mlxft.errors import UserError
-from mlxft.resume import OPTIMIZER_SLOTS, optimizer_slot, optimizer_steps
-
-_OPTIONS = {"adamw": ("betas", "eps", "bias_correction"), "adam": ("betas", "eps", "bias_correction"),
-            "sgd": ("momentum", "dampening", "nesterov")}
-
+from mlxft.training.checkpoint import OPTIMIZER_SLOTS, optimizer_slot, optimizer_steps
 
 def make_optimizer(cfg, params: list) -> torch.optim.Optimizer:
-    name = cfg.optimizer
-    extra = dict(cfg.optimizer_config.get(name, {}) or {})
-    for key in extra:
-        if key not in _OPTIONS[name]:
-            raise UserError(f"optimizer_config.{name}.{key}: not an option of {name} (options: {', '.join(_OPTIONS[name])})")
-    if extra.pop("bias_correction", True) is not True:
-        raise UserError(f"optimizer_config.{name}.bias_correction: the torch backend always bias-corrects; remove the key")
-    if "betas" in extra:
-        extra["betas"] = tuple(float(b) for b in extra["betas"])
+    """torch's optimizer for `cfg`, with the options `mlxft.config` validated."""
+    extra = cfg.optimizer_options
     lr = cfg.learning_rate
-    if name == "adamw":
+    if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, **extra)
-    if name == "adam":
+    if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, **extra)
     return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay, **extra)
 

@@ -21,7 +21,14 @@ from mlxft.fileio import save_safetensors, write_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+MLX_LM_WEIGHTS = "adapters.safetensors"  # mlx-lm's layout (mlxft.adapters.interop)
 PREFIX = "base_model.model."
+
+
+def is_mlx_lm_adapter(path: Path) -> bool:
+    """mlx-lm's adapter directory (its weights file, not ours)."""
+    path = Path(path)
+    return (path / MLX_LM_WEIGHTS).is_file() and not (path / WEIGHTS_NAME).is_file()
 
 
 def peft_key(path: str, name: str) -> str:
@@ -98,17 +105,17 @@ def save_adapter(out_dir: Path, weights: dict, config: dict) -> None:
 
 def save_full_model(out_dir: Path, weights: dict, model_path: Path, dtype: str) -> None:
     """Write a full fine-tune into `out_dir` as a Hugging Face model directory (config.json from
-    the base, safetensors in the training `dtype`, tokenizer files) that transformers and `--model` load.
+    the base, safetensors in the training `dtype`, tokenizer files) that transformers and
+    `--model` load.
 
     `out_dir` also holds the run's metrics and checkpoints, so the model is staged in a
-    sub-directory by `convert.save_hf_dir` (which checks the names against transformers) and
-    its files are then moved in one by one, each replace atomic; shards of an earlier save
-    that the new one does not have are removed."""
+    sub-directory by `mlxft.model_dir.save_hf_dir` (which checks the names against
+    transformers) and its files are then moved in one by one, each replace atomic; shards of an
+    earlier save that the new one does not have are removed."""
     import os
     import shutil
 
-    from convert import save_hf_dir
-    from convert.mlx_to_hf import hf_config
+    from mlxft.model_dir import hf_config, save_hf_dir
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +127,8 @@ def save_full_model(out_dir: Path, weights: dict, model_path: Path, dtype: str) 
     for old in out_dir.glob("model*.safetensors*"):
         if old.name not in new:
             old.unlink()
-    for f in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):  # config last: it marks a model dir
+    # config last: it marks a model directory
+    for f in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):
         os.replace(f, out_dir / f.name)
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -134,9 +142,12 @@ def load_adapter(adapter_dir: Path) -> tuple:
     weights_path = adapter_dir / WEIGHTS_NAME
     if not adapter_dir.is_dir():
         raise UserError(f"{adapter_dir}: adapter directory not found")
+    if is_mlx_lm_adapter(adapter_dir):
+        raise UserError(
+            f"{adapter_dir}: this is an mlx-lm adapter; convert it with "
+            f"`mlxft import {adapter_dir} --save-path DIR` and pass DIR"
+        )
     if not config_path.is_file():
-        if (adapter_dir / "adapters.safetensors").is_file():
-            raise UserError(f"{adapter_dir}: this is an mlx-lm adapter; convert it with `mlxft import {adapter_dir}`")
         if (adapter_dir / "config.json").is_file():
             raise UserError(f"{adapter_dir}: holds a full model (fine_tune_type full), not an adapter; "
                             f"load it with --model {adapter_dir}")

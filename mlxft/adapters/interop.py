@@ -17,25 +17,21 @@ from typing import Optional
 
 import numpy as np
 
-from mlxft.adapters.files import (CONFIG_NAME, WEIGHTS_NAME, adapter_config, load_adapter, peft_key, save_adapter,
-                                  split_key)
+from mlxft.adapters.files import (
+    CONFIG_NAME,
+    MLX_LM_WEIGHTS,
+    adapter_config,
+    is_mlx_lm_adapter,
+    load_adapter,
+    peft_key,
+    save_adapter,
+    split_key,
+)
 from mlxft.adapters.targets import LinearInfo, block_index, plan_from_adapter
 from mlxft.errors import UserError
 
-MLX_WEIGHTS = "adapters.safetensors"
 _TO_MLX = {"lora_A": "lora_a", "lora_B": "lora_b", "lora_magnitude_vector": "m"}
 _FROM_MLX = {v: k for k, v in _TO_MLX.items()}
-
-
-def is_mlx_lm_adapter(path: Path) -> bool:
-    return (Path(path) / MLX_WEIGHTS).is_file()
-
-
-def refuse_mlx_lm(path: Path) -> None:
-    """Where a PEFT-layout adapter is expected, an mlx-lm one gets the command that converts it."""
-    if is_mlx_lm_adapter(path) and not (Path(path) / WEIGHTS_NAME).is_file():
-        raise UserError(f"{path}: this is an mlx-lm adapter ({MLX_WEIGHTS}); convert it first with "
-                        f"`mlxft import {path} --save-path DIR` and pass DIR")
 
 
 def _linears_from_weights(weights: dict) -> list:
@@ -51,14 +47,15 @@ def _linears_from_weights(weights: dict) -> list:
 
 
 def model_num_blocks(model: Optional[str]) -> Optional[int]:
-    """Transformer blocks of `model` (a directory or hub id), None when it cannot be found locally."""
+    """Transformer blocks of `model` (a directory or hub id) from its config.json alone, None
+    when it cannot be read."""
     if not model:
         return None
-    from mlxft.models import read_model_config, resolve_model
+    from mlxft.hub import model_config
 
     try:
-        config = read_model_config(resolve_model(model))
-    except UserError:
+        config = model_config(model)
+    except (UserError, ValueError):
         return None
     value = config.get("num_hidden_layers", config.get("n_layer"))
     return int(value) if value else None
@@ -126,9 +123,9 @@ def from_mlx_lm(mlx_config: dict, mlx_weights: dict, num_blocks: Optional[int], 
 
 # ---------------------------------------------------------------------------- directories
 def _write(save_path: Path, write) -> Path:
-    from convert.files import atomic_output_dir
+    from mlxft.fileio import atomic_dir
 
-    with atomic_output_dir(Path(save_path)) as tmp:
+    with atomic_dir(Path(save_path)) as tmp:
         write(tmp)
     return Path(save_path)
 
@@ -137,13 +134,12 @@ def export_adapter(adapter_path, save_path, model: Optional[str] = None) -> Path
     """Our (PEFT-layout) adapter directory -> an mlx-lm adapter directory that `mlx_lm.load(adapter_path=)` reads."""
     from mlxft.fileio import save_safetensors, write_json
 
-    refuse_mlx_lm(Path(adapter_path))
     config, weights = load_adapter(Path(adapter_path))
     num_blocks = model_num_blocks(model or config.get("base_model_name_or_path"))
     mlx_config, mlx_weights = to_mlx_lm(config, weights, num_blocks)
 
     def write(tmp: Path) -> None:
-        save_safetensors(tmp / MLX_WEIGHTS, mlx_weights, metadata={"format": "mlx"})
+        save_safetensors(tmp / MLX_LM_WEIGHTS, mlx_weights, metadata={"format": "mlx"})
         write_json(tmp / CONFIG_NAME, mlx_config)
 
     return _write(save_path, write)
@@ -154,9 +150,9 @@ def read_mlx_lm(src: Path) -> tuple:
 
     config_path = src / CONFIG_NAME
     if not config_path.is_file():
-        raise UserError(f"{src}: has {MLX_WEIGHTS} but no {CONFIG_NAME}; mlx-lm writes both")
+        raise UserError(f"{src}: has {MLX_LM_WEIGHTS} but no {CONFIG_NAME}; mlx-lm writes both")
     try:
-        return json.loads(config_path.read_text()), load_file(str(src / MLX_WEIGHTS))
+        return json.loads(config_path.read_text()), load_file(str(src / MLX_LM_WEIGHTS))
     except json.JSONDecodeError as err:
         raise UserError(f"{config_path}:{err.lineno}: invalid JSON ({err.msg})") from None
 
@@ -180,8 +176,3 @@ def import_adapter(src, save_path, model: Optional[str] = None) -> Path:
     return _write(save_path, lambda tmp: save_adapter(tmp, weights, config))
 
 
-def upload(path: Path, repo_id: Optional[str]) -> None:
-    if repo_id:
-        from convert.cli import upload as push
-
-        push(path, repo_id)

@@ -82,7 +82,16 @@ def init_lora(path: str, in_features: int, out_features: int, rank: int, seed: i
 
 
 def plan_adapters(linears: list, num_blocks: int, cfg) -> AdapterPlan:
-    """Pick targets from the backend's block-level linear modules per `num_layers` and `lora_parameters.keys`."""
+    """`select_targets`, then each target's seeded initial weights."""
+    plan = select_targets(linears, num_blocks, cfg)
+    for t in plan.targets:
+        plan.init[t.path] = init_lora(t.path, t.in_features, t.out_features, plan.rank, cfg.seed)
+    return plan
+
+
+def select_targets(linears: list, num_blocks: int, cfg) -> AdapterPlan:
+    """The plan without initial weights: targets from the backend's block-level linear modules
+    per `num_layers` and `lora_parameters.keys` (what the memory planner needs)."""
     layers = select_layers(num_blocks, cfg.num_layers)
     keys = cfg.lora_keys
     chosen = []
@@ -102,7 +111,7 @@ def plan_adapters(linears: list, num_blocks: int, cfg) -> AdapterPlan:
                 )
     if not chosen:
         raise UserError("no linear modules to adapt: check num_layers and lora_parameters.keys")
-    plan = AdapterPlan(
+    return AdapterPlan(
         kind=cfg.fine_tune_type,
         rank=cfg.lora_rank,
         scale=cfg.lora_scale,
@@ -111,9 +120,6 @@ def plan_adapters(linears: list, num_blocks: int, cfg) -> AdapterPlan:
         layers=sorted({block_index(t.path) for t in chosen}),
         num_blocks=num_blocks,
     )
-    for t in chosen:
-        plan.init[t.path] = init_lora(t.path, t.in_features, t.out_features, plan.rank, cfg.seed)
-    return plan
 
 
 def plan_from_adapter(linears: list, num_blocks: int, adapter_config: dict, weights: dict) -> AdapterPlan:

@@ -7,10 +7,11 @@ batch list a pure function of its arguments, so a resumed run replays exactly.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from mlxft import flags
 
 
 @dataclass
@@ -50,7 +51,7 @@ def head_rows(mask: np.ndarray, multiple: int = 1, most: float = 0.95):
     completions) that is often a minority of the positions, and the head is the widest matmul
     of a small model (dim x vocab per position).  `multiple` rounds the count up with an
     untrained position (mask 0, so it adds nothing) so that compiled steps see few shapes."""
-    if not _head_rows_on():
+    if not flags.head_rows():
         return None
     flat = mask.reshape(-1)
     rows = np.flatnonzero(flat)
@@ -62,16 +63,6 @@ def head_rows(mask: np.ndarray, multiple: int = 1, most: float = 0.95):
     return rows.astype(np.int32)
 
 
-def _head_rows_on() -> bool:
-    return os.environ.get("MLXFT_HEAD_ROWS", "1").lower() not in ("0", "false", "no")
-
-
-def head_note(split: bool, chunked: bool = False) -> str:
-    """The training header's line on where the output head runs (both backends)."""
-    if not split:
-        return "output head: inside the model, on every position (its logits are not head(body(x)))"
-    where = "on trained positions only" if _head_rows_on() else "on every position (MLXFT_HEAD_ROWS=0)"
-    return f"output head: {where}" + (", chunked cross-entropy" if chunked else "")
 
 
 def _chunks(split, batch_size: int) -> list[np.ndarray]:

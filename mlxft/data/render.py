@@ -8,10 +8,9 @@ assume a template's turn markers tokenize the same alone as in context.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Optional, Union
 
+from mlxft.data.templates import read_chat_template, render
 from mlxft.errors import UserError
 
 EOS = -1  # piece meaning "the EOS id, unless the text already ends with it"
@@ -31,20 +30,6 @@ def unwrap(tokenizer):
     return tokenizer
 
 
-def _read_chat_template(value: Optional[str]) -> Optional[str]:
-    """cfg.chat_template is either a path to a template file or the jinja text itself."""
-    if not value:
-        return None
-    path = Path(os.path.expanduser(value))
-    if "\n" not in value and len(value) < 4096 and path.is_file():
-        return path.read_text()
-    if path.suffix in (".jinja", ".j2", ".txt", ".tmpl") and "{" not in value:
-        raise UserError(f"chat_template: file {value} not found")
-    if "{{" not in value and "{%" not in value:
-        raise UserError(f"chat_template: '{value[:60]}' is neither an existing file nor a jinja template")
-    return value
-
-
 class Renderer:
     """Holds the per-run choices (template, mask_prompt, EOS) so each record renders cheaply."""
 
@@ -53,7 +38,7 @@ class Renderer:
         self.cfg = cfg
         self.mask_prompt = bool(cfg.mask_prompt)
         self.eos_id = getattr(self.tok, "eos_token_id", None)
-        self.override = _read_chat_template(cfg.chat_template)
+        self.override = read_chat_template(cfg.chat_template)
         self.has_own = bool(getattr(self.tok, "chat_template", None))
         self.notices: list[str] = []
         if cfg.prompt_template is not None and cfg.completion_template is None:
@@ -121,12 +106,7 @@ class Renderer:
         return pieces
 
     def _apply(self, messages: list[dict], where: str, generation: bool) -> str:
-        try:
-            return self.tok.apply_chat_template(messages, chat_template=self.override, tokenize=False,
-                                                add_generation_prompt=generation)
-        except Exception as err:  # jinja TemplateError, raise_exception(...) in templates, ...
-            message = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UserError(f"{where}: the chat template failed on this record: {message}") from None
+        return render(self.tok, messages, self.override, generation, where)
 
     def _chat(self, messages: list[dict], where: str) -> list[Piece]:
         full = self._apply(messages, where, False)

@@ -7,7 +7,6 @@ adapter weights, memory).  Everything that is not tensor work lives in backend-n
 from __future__ import annotations
 
 import contextlib
-import os
 from functools import partial
 from pathlib import Path
 
@@ -17,16 +16,18 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from mlxft import flags
 from mlxft.adapters.files import match_adapter_weights, peft_key
 from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
-from mlxft.backend import checkpointed_blocks
-from mlxft.data.batching import head_note, head_rows
+from mlxft.backend import checkpointed_blocks, head_note
+from mlxft.data.batching import head_rows
 from mlxft.errors import UserError
 from mlxft.mlx_backend.attention import fast_attention
 from mlxft.mlx_backend.dora import DoRALinear
 from mlxft.mlx_backend.lora import LoRALinear, linear_shape
 from mlxft.mlx_backend.loss import HeadLoss, loss_sum
-from mlxft.models import read_model_config
+from mlxft.mlx_backend.arrays import numpy_weights
+from mlxft.model_dir import read_model_config
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -85,7 +86,7 @@ def _checkpoint_blocks(blocks) -> None:
 def cpu_kernels() -> bool:
     """Whether the CPU-specific fast paths are on: eager steps on the CPU, unless
     MLXFT_CPU_KERNELS=0 (for A/B runs and for ruling them out when debugging)."""
-    if os.environ.get("MLXFT_CPU_KERNELS", "1").lower() in ("0", "false", "no"):
+    if not flags.cpu_kernels():
         return False
     return mx.default_device().type == mx.cpu and not use_compile()
 
@@ -94,10 +95,8 @@ def use_compile() -> bool:
     """mx.compile pays on the GPU.  On the CPU every new batch shape costs a C++ kernel build
     (seconds), and length-sorted batches have many shapes: measured 2.4k tok/s compiled vs
     5.7k eager on stories260K/WikiSQL, so the CPU runs eagerly.  MLXFT_COMPILE=1/0 overrides."""
-    flag = os.environ.get("MLXFT_COMPILE")
-    if flag is not None:
-        return flag.lower() not in ("0", "false", "no")
-    return mx.default_device().type == mx.gpu
+    forced = flags.compile_steps()
+    return forced if forced is not None else mx.default_device().type == mx.gpu
 
 
 class MLXBackend:
@@ -199,7 +198,12 @@ class MLXBackend:
 
     def model_weights(self) -> dict:
         """Every weight under its Hugging Face name (mlx-lm keeps them), for saving a full fine-tune."""
-        return dict(tree_flatten(self.model.parameters()))
+        return numpy_weights(dict(tree_flatten(self.model.parameters())))
+
+    def fused_weights(self) -> dict:
+        from mlxft.mlx_backend.fuse import fused_weights
+
+        return fused_weights(self.model)
 
     def set_adapter_weights(self, weights: dict) -> None:
         for layer, name, value in match_adapter_weights(weights, dict(self._lora_layers()), self.plan.kind):
@@ -223,7 +227,7 @@ class MLXBackend:
     def setup_training(self, cfg) -> None:
         mx.random.seed(cfg.seed)  # dropout masks: reproducible, and part of a checkpoint's RNG state
         opt = cfg.optimizer
-        extra = dict(cfg.optimizer_config.get(opt, {}))
+        extra = cfg.optimizer_options  # validated in mlxft.config
         if opt == "adamw":
             self.optimizer = optim.AdamW(
                 learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, bias_correction=True, **extra
@@ -233,12 +237,6 @@ class MLXBackend:
         else:
             self.optimizer = optim.SGD(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, **extra)
         if cfg.grad_checkpoint:
-            if cfg.fine_tune_type != "full" and cfg.lora_dropout > 0:
-                # mx.checkpoint re-draws dropout masks when it recomputes a block, so the gradients
-                # would belong to other masks than the loss (measured: wrong by O(1) on a toy block).
-                raise UserError("grad_checkpoint with lora_parameters.dropout > 0 gives wrong gradients on the MLX "
-                                "backend (the recomputation draws new dropout masks); set dropout: 0.0, turn "
-                                "grad_checkpoint off, or use --backend torch")
             _checkpoint_blocks(self.model.layers)
         self.model.train()
         model, optimizer, clip = self.model, self.optimizer, cfg.grad_clip
@@ -246,9 +244,9 @@ class MLXBackend:
         split = isinstance(self._loss, HeadLoss)
         self.training_notes = [head_note(split, split and self._loss.chunked)]
         if mx.default_device().type == mx.cpu:
-            from mlxft import _malloc
+            from mlxft.cpu import blas, malloc
 
-            self.training_notes.insert(0, self._cpu_note(_malloc.tune()))
+            self.training_notes[:0] = [f"BLAS: {blas.status()}", self._cpu_note(malloc.tune())]
         value_and_grad = nn.value_and_grad(model, self._loss)
         state = [model.state, optimizer.state, mx.random.state]
 

@@ -1,7 +1,7 @@
 """Incremental forward passes for generation: mlx-lm's KV cache, prompt prefilled in chunks.
 
 The backend only turns token ids into last-position logits; sampling, stopping and
-detokenizing live in `mlxft.generate`, shared with the torch backend.
+detokenizing live in `mlxft.inference.sampling`, shared with the torch backend.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxft.adapters.files import ADAPTER_TENSORS, peft_key
-from mlxft.resume import OPTIMIZER_SLOTS, optimizer_slot, optimizer_steps
+from mlxft.training.checkpoint import OPTIMIZER_SLOTS, optimizer_slot, optimizer_steps
 
 _MLX_NAMES = {"adam": ("m", "v"), "adamw": ("m", "v"), "sgd": ("v",)}  # MLX's names for OPTIMIZER_SLOTS
 

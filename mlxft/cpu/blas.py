@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mlxft.flags import blas_reference
+
 _STATE: dict = {"name": None, "detail": "", "path": None}
 
 
@@ -132,7 +134,7 @@ def ensure() -> str:
     if not sys.platform.startswith("linux"):
         _STATE.update(name="platform default", detail=sys.platform)
         return _STATE["name"]
-    if os.environ.get("MLXFT_BLAS", "").lower() in ("reference", "off", "0", "none"):
+    if blas_reference():
         _STATE.update(name="reference BLAS", detail="MLXFT_BLAS=reference")
         return _STATE["name"]
     if "mlx.core" in sys.modules:

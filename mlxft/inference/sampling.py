@@ -1,4 +1,4 @@
-"""Text generation for both backends: prompt building, sampling, stopping, streaming text.
+"""Text generation for both backends: sampling, stopping, streaming text.
 
 A backend only provides `start_generation(prompt_ids)` and `next_logits(token_id)` (float32
 numpy logits of the last position); everything a user can tune or observe lives here once,
@@ -15,10 +15,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from mlxft.data.templates import end_of_turn_ids
 from mlxft.errors import UserError
-
-_SENTINEL = "MLXFTASSISTANTREPLY"
-
 
 # ---------------------------------------------------------------------------- sampling
 @dataclass
@@ -120,51 +118,8 @@ class StreamDecoder:
 
 
 # ---------------------------------------------------------------------------- prompts and stops
-def read_chat_template(value: Optional[str]) -> Optional[str]:
-    """--chat-template: a jinja file or the template text (same rules as the training config)."""
-    from mlxft.data.render import _read_chat_template
-
-    return _read_chat_template(value)
-
-
-def has_chat_template(tokenizer, override: Optional[str] = None) -> bool:
-    return bool(override or getattr(tokenizer, "chat_template", None))
-
-
-def _apply(tokenizer, messages: list, override: Optional[str], generation: bool) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, chat_template=override, tokenize=False,
-                                             add_generation_prompt=generation)
-    except Exception as err:  # jinja errors, raise_exception() in templates
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"the chat template failed on these messages: {message}") from None
-
-
-def chat_prompt_ids(tokenizer, messages: list, override: Optional[str] = None) -> list:
-    """Messages rendered with the chat template (+ the assistant header), as token ids.
-    The template writes BOS itself, so the tokenizer must not add another (as mlx_lm.generate)."""
-    text = _apply(tokenizer, messages, override, True)
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
 def raw_prompt_ids(tokenizer, prompt: str) -> list:
     return list(tokenizer.encode(prompt, add_special_tokens=True))
-
-
-def end_of_turn_ids(tokenizer, override: Optional[str] = None) -> set:
-    """Special tokens the chat template writes right after an assistant's content
-    (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, ...): the model's "my turn is over"."""
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
-    try:
-        text = _apply(tokenizer, messages, override, False)
-    except UserError:
-        return set()
-    if _SENTINEL not in text:
-        return set()
-    tail = text[text.rindex(_SENTINEL) + len(_SENTINEL):]
-    specials = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
-    specials |= set(getattr(tokenizer, "all_special_ids", []) or [])
-    return {i for i in tokenizer.encode(tail, add_special_tokens=False) if i in specials}
 
 
 def _ids(value) -> set:

@@ -24,8 +24,10 @@ from typing import Optional
 
 import numpy as np
 
+from mlxft.config import CONFIG_FILE, save_config
 from mlxft.errors import UserError
 from mlxft.fileio import atomic_dir, save_safetensors, write_json, write_text
+from mlxft.training.metrics import METRICS_FILE
 
 FORMAT = 1
 CHECKPOINTS = "checkpoints"
@@ -135,7 +137,7 @@ def check_compatible(checkpoint: Path, saved: dict, now: dict) -> list:
     if problems:
         raise UserError(
             f"cannot resume from {checkpoint}: {'; '.join(problems[:3])}. Resume with the checkpoint's settings "
-            f"({checkpoint / 'mlxft_config.yaml'}), or start a new run from its weights with "
+            f"({checkpoint / CONFIG_FILE}), or start a new run from its weights with "
             f"--resume-adapter-file {checkpoint}"
         )
     return [f"resuming with {_describe(k, saved.get(k), now.get(k))}: the run will differ from an uninterrupted one"
@@ -184,16 +186,14 @@ def set_numpy_rng_state(state: dict) -> None:
 def write_checkpoint(adapter_path: Path, pos: Position, save_weights, cfg, backend, fingerprint_: dict,
                      keep: int) -> Path:
     """checkpoints/step-NNNNNNN, atomically; then only the newest `keep` are kept."""
-    from mlxft.config import save_config
-
     target = Path(adapter_path) / CHECKPOINTS / f"step-{pos.step:07d}"
     tensors = {f"optim.{k}": np.ascontiguousarray(v) for k, v in backend.optimizer_state().items()}
     rng = dict(numpy_rng_state(), **backend.rng_state())
     tensors.update({f"rng.{k}": np.ascontiguousarray(v) for k, v in rng.items()})
     state = {"format": FORMAT, "position": asdict(pos), "backend": backend.name, "fingerprint": fingerprint_}
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, replace=True) as tmp:
         save_weights(tmp)
-        save_config(replace(cfg, resume=False, resume_from=None), tmp / "mlxft_config.yaml")
+        save_config(replace(cfg, resume=False, resume_from=None), tmp / CONFIG_FILE)
         save_safetensors(tmp / STATE_TENSORS, tensors)
         write_json(tmp / STATE_JSON, state)  # last: its presence marks the checkpoint complete
     for _, old in checkpoint_dirs(adapter_path)[:-keep]:
@@ -228,7 +228,7 @@ def rewind(adapter_path: Path, step: int) -> list:
     if later:
         notes.append(f"removed {len(later)} later checkpoint(s) of the abandoned continuation "
                      f"(steps {', '.join(str(s) for s, _ in later)})")
-    metrics = Path(adapter_path) / "metrics.jsonl"
+    metrics = Path(adapter_path) / METRICS_FILE
     if metrics.is_file():
         kept, dropped = [], 0
         for line in metrics.read_text().splitlines():
@@ -250,7 +250,7 @@ def clear_stale(adapter_path: Path) -> Optional[str]:
     old = checkpoint_dirs(adapter_path)
     for _, path in old:
         shutil.rmtree(path, ignore_errors=True)
-    metrics = Path(adapter_path) / "metrics.jsonl"
+    metrics = Path(adapter_path) / METRICS_FILE
     if metrics.exists():  # a fresh run starts a fresh curve; a resumed one appends (see `rewind`)
         metrics.unlink()
     if old:

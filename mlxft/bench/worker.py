@@ -1,11 +1,11 @@
 """One backend's share of `mlxft bench`, run in a fresh process:
 
-    python -m mlxft.bench_worker SPEC.json OUT.json
+    python -m mlxft.bench.worker SPEC.json OUT.json
 
 A fresh process per backend keeps one framework's allocator caches, threads and peak RSS out of
-the other's figures.  The work is the real trainer's: `mlxft.train.Session` loads the model,
-data and adapters; the batches come from the trainer's own stream and each step is the
-backend's `train_step` with the schedule's learning rate, so both backends see identical
+the other's figures.  The work is the real trainer's: `mlxft.training.session.Session` loads the model,
+data and adapters; the steps are the trainer's own (`Session.steps`: its batch stream, the
+schedule's learning rate, the backend's `train_step`), so both backends see identical
 batches from identical LoRA weights.  Validation and file writing are left out: only steps
 are timed.
 """
@@ -51,8 +51,8 @@ def _versions(backend: str) -> dict:
 def run(spec: dict) -> dict:
     """Load through `Session`, then time `steps` optimizer steps of `spec['backend']`."""
     from mlxft.config import build_config
-    from mlxft.schedule import learning_rate
-    from mlxft.train import Position, Session, _batches
+    from mlxft.training.checkpoint import Position
+    from mlxft.training.session import Session
 
     overrides = dict(spec.get("overrides") or {})
     with tempfile.TemporaryDirectory(prefix="mlxft-bench-") as scratch:
@@ -65,17 +65,12 @@ def run(spec: dict) -> dict:
         backend = session.backend
         backend.setup_training(cfg)
         backend.reset_peak_memory()
-        stream = _batches(session.splits["train"], cfg, session.pad_id, Position())
         steps = {"seconds": [], "loss": [], "tokens": [], "positions": []}
-        for step in range(cfg.iters):
-            lr = learning_rate(step, cfg.learning_rate, cfg.lr_schedule, cfg.iters)
-            group = [next(stream) for _ in range(cfg.grad_accumulation_steps)]
-            tic = time.perf_counter()
-            loss_total, tokens, _ = backend.train_step(group, lr)
-            steps["seconds"].append(time.perf_counter() - tic)
-            steps["loss"].append(loss_total / max(tokens, 1))
-            steps["tokens"].append(int(tokens))
-            steps["positions"].append(int(sum(b.inputs.size for b in group)))
+        for step in session.steps(Position(), cfg.iters):
+            steps["seconds"].append(step.seconds)
+            steps["loss"].append(step.loss)
+            steps["tokens"].append(int(step.tokens))
+            steps["positions"].append(int(step.positions))
         trainable, total = backend.parameter_counts()
         result = {
             "backend": backend.name, "device": backend.device, "dtype": backend.dtype,
@@ -84,9 +79,9 @@ def run(spec: dict) -> dict:
             "num_blocks": backend.num_blocks(), "versions": _versions(backend.name), **steps,
         }
         if backend.name == "mlx" and backend.device == "cpu":
-            from mlxft import _blas
+            from mlxft.cpu import blas
 
-            result["blas"] = _blas.status()
+            result["blas"] = blas.status()
         if not all(math.isfinite(x) for x in steps["loss"]):
             result["warning"] = "non-finite loss"
         return result

@@ -19,8 +19,9 @@ allocator alone.
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
+
+from mlxft import flags
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -37,7 +38,7 @@ def tune() -> str:
 
 
 def _apply() -> str:
-    if os.environ.get("MLXFT_MALLOC", "").lower() == "system":
+    if flags.malloc_system():
         return "system (MLXFT_MALLOC=system)"
     if not sys.platform.startswith("linux"):
         return "system"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mlxft.cli import user_errors
-from mlxft.errors import UserError
+from mlxft.errors import UserError, user_errors
 
 
 @click.command()
@@ -36,9 +35,9 @@ def convert(hf_path, mlx_path, to_hf, quantize, q_bits, q_group_size, dtype, all
     The output directory must not exist (or be empty); it is written to a temporary
     directory beside it and renamed at the end, so it is either complete or absent.
     """
-    # submodules, not the package: a stale editable install can map `convert` to a namespace package
-    from convert.hf_to_mlx import to_mlx
-    from convert.mlx_to_hf import to_hf as mlx_to_hf
+    from mlxft.convert import to_hf as mlx_to_hf
+    from mlxft.convert import to_mlx
+    from mlxft.hub import upload
 
     if to_hf:
         if not mlx_path or not hf_path:
@@ -54,18 +53,6 @@ def convert(hf_path, mlx_path, to_hf, quantize, q_bits, q_group_size, dtype, all
             dtype=dtype, revision=revision, allow_pickle=allow_pickle,
         )
     click.echo(f"Wrote {out}")
-    if upload_repo:
-        upload(out, upload_repo)
-
-
-def upload(path, repo_id: str) -> None:
-    """Create the repo if needed and push the directory with huggingface_hub."""
-    from huggingface_hub import create_repo, upload_folder
-
-    try:
-        create_repo(repo_id, exist_ok=True)
-        upload_folder(repo_id=repo_id, folder_path=str(path), repo_type="model")
-    except Exception as err:  # hub errors are many types; all mean the push failed
-        reason = f"{type(err).__name__}: {err}".splitlines()[0]
-        raise UserError(f"{repo_id}: upload failed ({reason}); the converted model is in {path}") from None
-    click.echo(f"Uploaded to https://huggingface.co/{repo_id}")
+    url = upload(out, upload_repo)
+    if url:
+        click.echo(f"Uploaded to {url}")

@@ -1,4 +1,4 @@
-"""The `mlxft bench` command line (the work itself is in `mlxft.bench`)."""
+"""The `mlxft bench` command line (the work itself is in `mlxft.bench.compare`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
-from mlxft.bench import bench, parse_backends, plot, table
-from mlxft.cli import user_errors
-from mlxft.errors import UserError
+from mlxft.bench.compare import bench, parse_backends, plot, table
+from mlxft.errors import UserError, user_errors
 
 
 @click.command("bench")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+METRICS_FILE = "metrics.jsonl"  # one JSON object per report, in adapter_path
+
 
 class Reporter:
     def __init__(self, path: Path | None, total_steps: int, quiet: bool = False):

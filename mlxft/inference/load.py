@@ -14,19 +14,20 @@ from pathlib import Path
 from typing import Optional
 
 from mlxft.adapters.files import load_adapter
-from mlxft.adapters.interop import refuse_mlx_lm
 from mlxft.adapters.targets import AdapterPlan, plan_from_adapter
-from mlxft.backend import get_backend
-from mlxft.config import build_config
-from mlxft.models import read_model_config, resolve_model
+from mlxft.backend import Backend
+from mlxft.backends import get_backend
+from mlxft.config import CONFIG_FILE, build_config
+from mlxft.hub import load_tokenizer, resolve_model
+from mlxft.model_dir import read_model_config
 
 
 @dataclass
 class Loaded:
-    backend: object
+    backend: Backend
     tokenizer: object
     model_path: Path
-    model_config: dict  # config.json as read by mlxft.models.read_model_config
+    model_config: dict  # config.json as read by mlxft.hub.read_model_config
     plan: Optional[AdapterPlan] = None
 
     @property
@@ -42,7 +43,7 @@ def trained_quantization(adapter_path: Optional[str]) -> dict:
     mlxft_config.yaml), so generation sees the base the adapter was trained against."""
     import yaml
 
-    path = Path(adapter_path).expanduser() / "mlxft_config.yaml" if adapter_path else None
+    path = Path(adapter_path).expanduser() / CONFIG_FILE if adapter_path else None
     if path is None or not path.is_file():
         return {}
     try:
@@ -62,13 +63,10 @@ def load_for_inference(model: str, adapter_path: Optional[str] = None, backend: 
                               "trust_remote_code": trust_remote_code, "revision": revision, **(quantization or {})})
     if adapter_path is not None:  # read the adapter first: a bad adapter dir fails before a slow model load
         adapter_dir = Path(adapter_path).expanduser()
-        refuse_mlx_lm(adapter_dir)
         adapter_config, weights = load_adapter(adapter_dir)
     model_path = resolve_model(cfg.model, cfg.revision)
     tokenizer = None
     if with_tokenizer:
-        from mlxft.train import load_tokenizer
-
         tokenizer = load_tokenizer(model_path, cfg)
     engine = get_backend(cfg)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only generated text (mlx-lm prints on quantize)

@@ -1,5 +1,5 @@
 """`mlxft generate | chat | fuse | export | import`: thin click wrappers over
-mlxft.generate, mlxft.fuse and mlxft.adapters.interop (flag names as in mlx-lm)."""
+mlxft.inference.sampling, mlxft.inference.fuse and mlxft.adapters.interop (flag names as in mlx-lm)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import sys
 
 import click
 
-from mlxft.cli import user_errors
-from mlxft.errors import UserError
+from mlxft.errors import UserError, user_errors
 
 
 def _model_options(fn):
@@ -41,8 +40,9 @@ def _sampling_options(fn):
 
 
 def _session(kw):
-    from mlxft.generate import Sampler, SamplingParams, read_chat_template
-    from mlxft.inference import load_for_inference, trained_quantization
+    from mlxft.data.templates import read_chat_template
+    from mlxft.inference.sampling import Sampler, SamplingParams
+    from mlxft.inference.load import load_for_inference, trained_quantization
 
     if kw["max_tokens"] < 1:
         raise UserError(f"--max-tokens must be at least 1, got {kw['max_tokens']}")
@@ -58,7 +58,7 @@ def _session(kw):
 
 
 def _run(loaded, sampler, template, prompt_ids, chat: bool, kw):
-    from mlxft.generate import eos_ids, generate
+    from mlxft.inference.sampling import eos_ids, generate
 
     stops = eos_ids(loaded.tokenizer, loaded.model_path, loaded.model_config, chat, template)
 
@@ -86,7 +86,8 @@ def _run(loaded, sampler, template, prompt_ids, chat: bool, kw):
 @user_errors
 def generate(**kw):
     """Generate text from a model, with an optional adapter."""
-    from mlxft.generate import chat_prompt_ids, has_chat_template, raw_prompt_ids
+    from mlxft.data.templates import chat_prompt_ids, has_chat_template
+    from mlxft.inference.sampling import raw_prompt_ids
 
     prompt, message = kw["prompt"], kw["chat_message"]
     if (prompt is None) == (message is None):
@@ -114,7 +115,7 @@ def generate(**kw):
 @user_errors
 def chat(**kw):
     """Chat in the terminal: one line per message; /reset starts over, /quit or EOF ends."""
-    from mlxft.generate import chat_prompt_ids, has_chat_template
+    from mlxft.data.templates import chat_prompt_ids, has_chat_template
 
     loaded, sampler, template = _session(kw)
     if not has_chat_template(loaded.tokenizer, template):
@@ -143,54 +144,3 @@ def chat(**kw):
             click.echo(f"Error: {err} (/reset starts a new conversation)", err=True)
             continue
         history = turn + [{"role": "assistant", "content": result.text}]
-
-
-@click.command()
-@click.option("--model", required=True, help="Base model directory or hub id.")
-@click.option("--adapter-path", default="adapters", show_default=True, help="Adapter directory (PEFT layout).")
-@click.option("--save-path", default="fused_model", show_default=True, help="Output HF model directory.")
-@click.option("--de-quantize", "--dequantize", "de_quantize", is_flag=True,
-              help="Required for a quantized base: write the fused model de-quantized.")
-@click.option("--upload-repo", help="Push the fused model to this Hugging Face repo (org/name).")
-@click.option("--trust-remote-code", is_flag=True)
-@user_errors
-def fuse(model, adapter_path, save_path, de_quantize, upload_repo, trust_remote_code):
-    """Merge an adapter into its base model (W + scale·BA) and save a transformers model directory."""
-    from mlxft.adapters.interop import upload
-    from mlxft.fuse import fuse as run
-
-    out = run(model, adapter_path, save_path, de_quantize=de_quantize, trust_remote_code=trust_remote_code)
-    click.echo(f"Wrote {out}")
-    upload(out, upload_repo)
-
-
-@click.command("export")
-@click.option("--adapter-path", required=True, help="Our adapter directory (PEFT layout).")
-@click.option("--to", "target", type=click.Choice(["mlx-lm"]), default="mlx-lm", show_default=True)
-@click.option("--save-path", required=True, help="Output directory.")
-@click.option("--model", help="Base model (needed when the adapter skips the first blocks: mlx-lm counts "
-                              "blocks from the end). Default: the adapter's base_model_name_or_path.")
-@click.option("--upload-repo", help="Push the exported adapter to this Hugging Face repo (org/name).")
-@user_errors
-def export(adapter_path, target, save_path, model, upload_repo):
-    """Write an adapter in another tool's layout (mlx-lm: adapters.safetensors + its adapter_config.json)."""
-    from mlxft.adapters.interop import export_adapter, upload
-
-    out = export_adapter(adapter_path, save_path, model)
-    click.echo(f"Wrote {out} ({target} layout)")
-    upload(out, upload_repo)
-
-
-@click.command("import")
-@click.argument("src")
-@click.option("--save-path", required=True, help="Output directory (PEFT layout).")
-@click.option("--model", help="Base model, to know its number of blocks (default: from the adapter's config).")
-@user_errors
-def import_(src, save_path, model):
-    """Read an mlx-lm or PEFT adapter directory into our PEFT layout (float32, normalised config)."""
-    from mlxft.adapters.interop import import_adapter
-
-    click.echo(f"Wrote {import_adapter(src, save_path, model)}")
-
-
-COMMANDS = [generate, chat, fuse, export, import_]

@@ -23,9 +23,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from mlxft.adapters.targets import LinearInfo, block_index, plan_adapters, select_layers
+from mlxft.adapters.targets import LinearInfo, block_index, select_layers, select_targets
 from mlxft.errors import UserError
-from mlxft.models import read_model_config
+from mlxft.model_dir import read_model_config
 
 GB = 1e9
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2,
@@ -212,7 +212,7 @@ def estimate(cfg, model_dir: Path, longest: int, tensors: Optional[dict] = None)
         first = 0 if cfg.num_layers == -1 else layers[0]
     else:
         linears = linear_infos(tensors, config)
-        plan = _plan_without_init(linears, shape.layers, cfg)
+        plan = select_targets(linears, shape.layers, cfg)
         trainable = sum(plan.rank * (t.in_features + t.out_features) for t in plan.targets)
         if plan.kind == "dora":
             trainable += sum(t.out_features for t in plan.targets)
@@ -228,15 +228,6 @@ def estimate(cfg, model_dir: Path, longest: int, tensors: Optional[dict] = None)
     logits = 3 * batch * width * shape.vocab * 4
     return Estimate(weights, desc, trainable, params, grads, optimizer, acts[bool(cfg.grad_checkpoint)],
                     acts[not cfg.grad_checkpoint], logits, batch, width, bool(cfg.grad_checkpoint))
-
-
-def _plan_without_init(linears, num_blocks, cfg):
-    """plan_adapters draws each adapter's initial weights; rank 1 keeps that cheap, then the
-    real rank is put back (only the targets and layers are used here)."""
-    lora = dict(cfg.lora_parameters, rank=1)
-    plan = plan_adapters(linears, num_blocks, replace(cfg, lora_parameters=lora))
-    plan.rank, plan.init = cfg.lora_rank, {}
-    return plan
 
 
 # --------------------------------------------------------------------------- machine
@@ -323,3 +314,35 @@ def plan_lines(cfg, model_dir: Path, longest: int) -> list:
     lines.append(f"  activations with grad_checkpoint {other}: {_gb(est.activations_other)}")
     lines.append(verdict(est, budget, what, knobs(cfg, model_dir, longest, budget, tensors)))
     return lines
+
+
+def header_line(cfg, model_dir: Path, longest: int) -> tuple:
+    """(the run header's `Memory:` line, the estimate or None).  Advisory: a model the planner
+    cannot read still trains."""
+    try:
+        tensors = model_tensors(model_dir)
+        est = estimate(cfg, model_dir, longest, tensors)
+        budget, what = machine_memory(cfg.backend)
+        advice = knobs(cfg, model_dir, longest, budget, tensors) if est.total > 0.75 * budget else []
+    except (UserError, KeyError, ValueError, TypeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return f"Memory: no estimate ({reason})", None
+    return f"Memory: {est.summary()}; {verdict(est, budget, what, advice)}", est
+
+
+def dry_run(cfg) -> list:
+    """`mlxft lora --dry-run`: the memory plan from config, data and model metadata; reads the
+    same inputs as a run (`read_inputs`), writes nothing, loads no weights."""
+    from mlxft.config import total_iters
+    from mlxft.data import epoch_batches
+    from mlxft.training.inputs import read_inputs
+
+    inputs = read_inputs(cfg)
+    train = inputs.splits["train"]
+    longest = max(len(s) for s in train.sequences)
+    batches = epoch_batches(train, cfg.batch_size, seed=cfg.seed, epoch=0, pad_id=0)
+    lines = [
+        f"Data train: {len(train)} examples, longest {longest} tokens, {len(batches)} batches "
+        f"per epoch, {total_iters(cfg, len(batches))} steps"
+    ]
+    return lines + plan_lines(cfg, inputs.model_path, longest)

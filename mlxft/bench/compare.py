@@ -3,7 +3,7 @@
     mlxft bench --config cfg.yaml [--backends mlx,torch] [--steps N] [--warmup K]
                 [--json out.json] [--plot out.png]          (command line: `bench_cli.py`)
 
-Every backend trains from identical LoRA weights on identical batches (see `bench_worker`),
+Every backend trains from identical LoRA weights on identical batches (see `mlxft.bench.worker`),
 so the figures compare like with like:
 
 - tokens/s: trained (non-padding, unmasked) tokens per second of step time, after warm-up
@@ -40,7 +40,7 @@ def available(backend: str) -> str | None:
         return None if importlib.util.find_spec("mlx") else "mlx is not installed"
     if importlib.util.find_spec("torch") is None:
         return "PyTorch is not installed (pip install 'mlxft[torch]')"
-    if importlib.util.find_spec("torch_backend") is None:  # top-level lookup: imports nothing
+    if importlib.util.find_spec("mlxft.torch_backend") is None:  # top-level lookup: imports nothing
         return "the torch backend package is missing from this install"
     return None
 
@@ -66,7 +66,7 @@ def run_worker(spec: dict, timeout: float | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="mlxft-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, "-m", "mlxft.bench_worker", str(spec_path), str(out_path)],
+        proc = subprocess.run([sys.executable, "-m", "mlxft.bench.worker", str(spec_path), str(out_path)],
                               capture_output=True, text=True, timeout=timeout)
         if out_path.exists():
             result = json.loads(out_path.read_text())

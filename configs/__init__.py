@@ -1,0 +1,1 @@
+"""Recipes: ready training configs, installed as `mlxft.recipes` (`mlxft lora --config NAME`)."""

@@ -1,0 +1,65 @@
+"""Every environment switch mlxft reads, each read here and nowhere else.
+
+They exist for A/B measurements and for ruling a fast path out when debugging; the defaults
+are what every run should use.  Each function reads the environment when called (not at import),
+so a test or a benchmark can set a switch for one run.
+
+| variable | values | effect |
+| --- | --- | --- |
+| `MLXFT_BLAS` | `reference` | keep the MLX wheel's reference BLAS on Linux (no OpenBLAS) |
+| `MLXFT_MALLOC` | `system` | leave glibc's allocator thresholds alone during CPU training |
+| `MLXFT_CPU_KERNELS` | `0` | MLX on the CPU: no chunked head loss, no power-exp attention |
+| `MLXFT_COMPILE` | `0` / `1` | MLX: force eager or compiled steps (default: compiled on a GPU) |
+| `MLXFT_HEAD_ROWS` | `0` | run the output head on every position, not only trained ones |
+| `MLXFT_CPU_MATMUL` | `mkl` / `onednn` | torch on the CPU: force the library for frozen matmuls |
+| `HF_HUB_OFFLINE` | `1` | Hugging Face's own switch: use the local cache, never the network |
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+_OFF = ("0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on")
+
+
+def _value(name: str) -> str:
+    return os.environ.get(name, "").strip().lower()
+
+
+def blas_reference() -> bool:
+    """MLXFT_BLAS=reference: do not load OpenBLAS behind MLX."""
+    return _value("MLXFT_BLAS") in ("reference", "off", "0", "none")
+
+
+def malloc_system() -> bool:
+    """MLXFT_MALLOC=system: keep glibc's default mmap/trim thresholds."""
+    return _value("MLXFT_MALLOC") == "system"
+
+
+def cpu_kernels() -> bool:
+    """MLXFT_CPU_KERNELS (default on): MLX's CPU loss-head and attention paths."""
+    return _value("MLXFT_CPU_KERNELS") not in _OFF
+
+
+def compile_steps() -> Optional[bool]:
+    """MLXFT_COMPILE: True/False when set, None to let the device decide."""
+    value = _value("MLXFT_COMPILE")
+    return None if not value else value not in _OFF
+
+
+def head_rows() -> bool:
+    """MLXFT_HEAD_ROWS (default on): the output head runs on trained positions only."""
+    return _value("MLXFT_HEAD_ROWS") not in _OFF
+
+
+def cpu_matmul() -> Optional[str]:
+    """MLXFT_CPU_MATMUL: 'mkl' or 'onednn' when forced, None to measure and pick."""
+    value = _value("MLXFT_CPU_MATMUL")
+    return value if value in ("mkl", "onednn") else None
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE: huggingface_hub's switch, read the same way for our own messages."""
+    return _value("HF_HUB_OFFLINE") in _ON

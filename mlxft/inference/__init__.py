@@ -1,0 +1,1 @@
+"""Inference on either backend: loading a model with its adapter, sampling, fusing."""

@@ -1,0 +1,1 @@
+"""Training: the session loop, checkpoints, guards, reports, the memory planner, schedules."""

@@ -1,0 +1,37 @@
+"""What a run reads before any weights load: where it writes, which checkpoint it resumes,
+the model directory, the tokenizer and the tokenized splits.
+
+Shared by training (`Session`) and `mlxft lora --dry-run` (`planner.dry_run`), so both check
+and read their inputs the same way, and every check that can fail does so before a slow load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from mlxft.config import Config
+from mlxft.data import load_splits, pad_token_id
+from mlxft.fileio import check_destination
+from mlxft.hub import load_tokenizer, resolve_model
+from mlxft.training.checkpoint import find_checkpoint
+
+
+@dataclass
+class Inputs:
+    model_path: Path
+    tokenizer: object
+    splits: dict  # name -> mlxft.data.Split
+    pad_id: int
+    checkpoint: Optional[Path]  # the checkpoint `--resume`/`--resume-from` continues, if any
+
+
+def read_inputs(cfg: Config) -> Inputs:
+    if cfg.train:
+        check_destination(Path(cfg.adapter_path), "adapter_path", empty=False)
+    checkpoint = find_checkpoint(cfg) if cfg.train else None
+    model_path = resolve_model(cfg.model, cfg.revision)
+    tokenizer = load_tokenizer(model_path, cfg)
+    splits = load_splits(cfg, tokenizer)
+    return Inputs(model_path, tokenizer, splits, pad_token_id(tokenizer), checkpoint)

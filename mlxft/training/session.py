@@ -1,0 +1,371 @@
+"""The fine-tuning recipe: config -> data -> batches -> backend step -> metrics -> adapter files.
+
+One loop for both backends (the backend owns only tensor work).  `Session` loads a model,
+its tokenizer and data once; `steps()` runs optimizer steps and yields what each did (the
+benchmark worker times exactly these); `train()` wraps them with validation, reports,
+checkpoints and guards, and returns a `TrainResult`.  Validation runs before the first update,
+every `steps_per_eval` and at the end.  Checkpoints (`mlxft.training.checkpoint`) let
+`--resume` continue a killed run exactly; `mlxft.training.guards` stops it cleanly on a
+diverged loss, out of memory or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+from mlxft.adapters import plan_adapters
+from mlxft.adapters.files import adapter_config, load_adapter, save_adapter, save_full_model
+from mlxft.adapters.targets import full_layers
+from mlxft.backends import get_backend
+from mlxft.config import CONFIG_FILE, Config, save_config, total_iters
+from mlxft.data import Split, epoch_batches, eval_batches, padding_fraction
+from mlxft.errors import UserError
+from mlxft.training import checkpoint, guards, planner
+from mlxft.training.checkpoint import Position
+from mlxft.training.inputs import read_inputs
+from mlxft.training.metrics import METRICS_FILE, Reporter
+from mlxft.training.schedule import learning_rate
+
+
+@dataclass
+class Step:
+    """One optimizer step, as `Session.steps` yields it."""
+
+    step: int  # the step just taken (1-based)
+    learning_rate: float
+    loss_sum: float  # sum of token losses over the group
+    tokens: int  # trained (target) tokens
+    positions: int  # batch positions processed, padding included
+    grad_norm: float
+    seconds: float
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1)
+
+
+@dataclass
+class TrainResult:
+    """What `Session.train` leaves behind."""
+
+    adapter_path: Path
+    steps: int
+    trained_tokens: int
+    first_val_loss: Optional[float]  # before the first update (None when resumed)
+    last_val_loss: Optional[float]
+
+
+def batch_stream(split: Split, cfg: Config, pad_id: int, pos: Position) -> Iterator:
+    """Training batches forever, epoch after epoch, advancing `pos` (what checkpoints record)."""
+    while True:
+        batches = epoch_batches(split, cfg.batch_size, seed=cfg.seed, epoch=pos.epoch, pad_id=pad_id)
+        while pos.index < len(batches):
+            batch = batches[pos.index]
+            pos.index += 1
+            yield batch
+        pos.epoch, pos.index = pos.epoch + 1, 0
+
+
+class Session:
+    """A model + tokenizer + data, loaded once; train() and test() work on it."""
+
+    def __init__(self, cfg: Config, reporter_quiet: bool = False):
+        self.cfg = cfg
+        self.quiet = reporter_quiet
+        self.out = Path(cfg.adapter_path)
+        inputs = read_inputs(cfg)
+        self.model_path = inputs.model_path
+        self.tokenizer = inputs.tokenizer
+        self.splits = inputs.splits
+        self.pad_id = inputs.pad_id
+        self.checkpoint = inputs.checkpoint
+        self.backend = get_backend(cfg)
+        full_resume = self.checkpoint is not None and cfg.fine_tune_type == "full"
+        # a full fine-tune's checkpoint is a whole model directory
+        self.backend.load(self.checkpoint if full_resume else self.model_path)
+        self.plan = None
+        if cfg.fine_tune_type != "full":
+            self.plan = plan_adapters(self.backend.linear_modules(), self.backend.num_blocks(), cfg)
+            self.backend.add_adapters(self.plan)
+        start = cfg.resume_adapter_file or (None if cfg.train else cfg.adapter_path)
+        if start:
+            start = Path(start)
+            _, weights = load_adapter(start.parent if start.is_file() else start)
+            self.backend.set_adapter_weights(weights)
+        # set by train()
+        self.longest = max(len(s) for s in self.splits["train"].sequences)
+        self.estimate: Optional[planner.Estimate] = None
+        self.fingerprint: Optional[dict] = None
+        self.last_checkpoint: Optional[Path] = self.checkpoint
+        self.saved_step = 0
+        self.first_val_loss: Optional[float] = None
+        self.last_val_loss: Optional[float] = None
+
+    # ------------------------------------------------------------------ header
+    def header(self, iters: int, batches_per_epoch: int, pad_frac: float) -> list:
+        cfg, b = self.cfg, self.backend
+        trainable, total = b.parameter_counts()
+        lines = [
+            f"Model {cfg.model} ({b.dtype}) on {b.name}:{b.device}",
+            f"Trainable parameters: {100 * trainable / max(total, 1):.3f}% "
+            f"({trainable / 1e6:.3f}M/{total / 1e6:.3f}M)",
+        ]
+        if self.plan:
+            p = self.plan
+            lines.append(
+                f"{p.kind.upper()}: rank {p.rank}, scale {p.scale:g} (alpha {p.scale * p.rank:g}), "
+                f"dropout {p.dropout:g}, {len(p.targets)} modules ({', '.join(p.module_names)}) "
+                f"in layers {p.layers[0]}-{p.layers[-1]} of {p.num_blocks}"
+            )
+        else:
+            blocks, everything = full_layers(b.num_blocks(), cfg.num_layers)
+            scope = (
+                "all weights"
+                if everything
+                else f"blocks {blocks[0]}-{blocks[-1]} of {b.num_blocks()} (embeddings frozen)"
+            )
+            lines.append(f"FULL fine-tune: {scope}")
+        for name, split in self.splits.items():
+            extra = f", {split.truncated} truncated to {cfg.max_seq_length} tokens" if split.truncated else ""
+            extra += f", {split.dropped} dropped (no target tokens left)" if split.dropped else ""
+            lines.append(
+                f"Data {name}: {len(split.sequences)} examples ({split.format}) from {split.source}{extra}"
+            )
+        epochs = iters * cfg.grad_accumulation_steps / max(1, batches_per_epoch)
+        lines.append(
+            f"Training {iters} steps (~{epochs:.2f} epochs) of "
+            f"{cfg.grad_accumulation_steps}x{cfg.batch_size} sequences; "
+            f"padding {100 * pad_frac:.1f}% of batch positions (length-sorted)"
+        )
+        return lines
+
+    # ------------------------------------------------------------------ steps
+    def steps(self, pos: Position, iters: int, stop=None) -> Iterator[Step]:
+        """Optimizer steps from `pos` up to `iters` (or until `stop.requested`), advancing `pos`.
+        `setup_training` must have run; nothing is reported or saved here."""
+        cfg = self.cfg
+        stream = batch_stream(self.splits["train"], cfg, self.pad_id, pos)
+        while pos.step < iters and not (stop is not None and stop.requested):
+            lr = learning_rate(pos.step, cfg.learning_rate, cfg.lr_schedule, iters)
+            group = [next(stream) for _ in range(cfg.grad_accumulation_steps)]
+            tic = time.perf_counter()
+            loss_sum, tokens, grad_norm = self._guarded(self.backend.train_step, group, lr)
+            seconds = time.perf_counter() - tic
+            pos.step += 1
+            pos.trained_tokens += tokens
+            positions = sum(b.inputs.size for b in group)
+            yield Step(pos.step, lr, loss_sum, tokens, positions, grad_norm, seconds)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> TrainResult:
+        cfg, backend = self.cfg, self.backend
+        first_epoch = epoch_batches(
+            self.splits["train"], cfg.batch_size, seed=cfg.seed, epoch=0, pad_id=self.pad_id
+        )
+        iters = total_iters(cfg, len(first_epoch))
+        val = eval_batches(self.splits["valid"], cfg.batch_size, self.pad_id, cfg.val_batches)
+        pos, notes, restored = self._start(iters)
+        reporter = Reporter(self.out / METRICS_FILE, iters, quiet=self.quiet)
+        memory, self.estimate = planner.header_line(cfg, self.model_path, self.longest)
+        header = self.header(iters, len(first_epoch), padding_fraction(first_epoch))
+        for line in [*header, memory]:
+            reporter.echo(line)
+        backend.setup_training(cfg)
+        notes += backend.training_notes
+        if restored:
+            notes += self._restore(*restored)
+            notes.append(
+                f"Resuming from {self.checkpoint} at step {pos.step} "
+                f"(epoch {pos.epoch}, batch {pos.index})"
+            )
+        for note in filter(None, notes):
+            reporter.echo(note)
+        backend.reset_peak_memory()
+        window = Window()
+        self.saved_step = pos.step
+
+        def evaluate(step: int) -> float:
+            tic = time.perf_counter()
+            total, count = self._guarded(backend.eval_loss, val)
+            lr = learning_rate(min(step, iters - 1), cfg.learning_rate, cfg.lr_schedule, iters)
+            its, tps = window.run_rates(pos.step)
+            loss = total / max(count, 1)
+            seconds = time.perf_counter() - tic
+            reporter.evaluation(
+                step, "val", loss, count, seconds, lr, its, tps, pos.trained_tokens,
+                backend.peak_memory_gb(),
+            )
+            return loss
+
+        with guards.StopRequest() as stop:
+            try:
+                if not self.checkpoint:
+                    self.first_val_loss = evaluate(0)
+                for step in self.steps(pos, iters, stop):
+                    guards.check_finite(
+                        step.step, step.loss, step.grad_norm, step.learning_rate, cfg,
+                        self.last_checkpoint,
+                    )
+                    window.add(step)
+                    reporter.progress(step.step)
+                    if step.step % cfg.steps_per_report == 0 or step.step == iters:
+                        reporter.train(
+                            step.step, window.loss, step.learning_rate, window.its, window.tps,
+                            pos.trained_tokens, backend.peak_memory_gb(), step.grad_norm,
+                        )
+                        window.reset()
+                    if step.step % cfg.steps_per_eval == 0 or step.step == iters:
+                        self.last_val_loss = evaluate(step.step)
+                    if step.step % cfg.save_every == 0 and step.step != iters:
+                        self.save_checkpoint(pos)
+                if stop.requested and pos.step < iters:
+                    self._interrupted(pos)
+            finally:
+                reporter.close()
+        self.save_adapter(self.out)
+        reporter.echo(
+            f"Saved the full model to {self.out} (Hugging Face directory: config.json, model.safetensors)"
+            if cfg.fine_tune_type == "full"
+            else f"Saved adapter to {self.out} (PEFT layout: adapter_config.json, adapter_model.safetensors)"
+        )
+        return TrainResult(
+            self.out, pos.step, pos.trained_tokens, self.first_val_loss, self.last_val_loss
+        )
+
+    def _start(self, iters: int) -> tuple:
+        """(position, notices, checkpoint contents or None), with adapter_path ready for this run.
+
+        A fresh run clears an earlier run's checkpoints (so `--resume` cannot pick them up); a
+        resumed one is first checked against the checkpoint, then the directory is rewound to it."""
+        self.fingerprint = checkpoint.fingerprint(self.cfg, self.model_path, self.splits["train"])
+        pos, notes, restored = Position(), [], None
+        if self.checkpoint:
+            restored = checkpoint.read_checkpoint(self.checkpoint)
+            saved = restored[0]["fingerprint"]
+            notes += checkpoint.check_compatible(self.checkpoint, saved, self.fingerprint)
+            pos = Position(**restored[0]["position"])
+            if pos.step >= iters:
+                raise UserError(
+                    f"{self.checkpoint}: the run already reached step {pos.step} of iters {iters}; "
+                    "raise iters to train further"
+                )
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.checkpoint:
+            notes += checkpoint.rewind(self.out, pos.step)
+        else:
+            notes.append(checkpoint.clear_stale(self.out))
+        save_config(replace(self.cfg, resume=False, resume_from=None), self.out / CONFIG_FILE)
+        return pos, notes, restored
+
+    def _guarded(self, fn, *args):
+        """Run a backend call; an allocation failure becomes a UserError naming the knobs."""
+        try:
+            return fn(*args)
+        except (RuntimeError, MemoryError) as err:
+            if not guards.is_out_of_memory(err):
+                raise
+            est = self.estimate
+            planned = f"~{est.total / 1e9:.3g} GB" if est else None
+            raise guards.out_of_memory(err, self.cfg, self.longest, planned) from None
+
+    def _restore(self, state: dict, optimizer: dict, rng: dict) -> list:
+        """Weights, optimizer moments and RNG from a checkpoint (its position is set by the caller)."""
+        if self.cfg.fine_tune_type != "full":  # full fine-tunes were loaded from the checkpoint dir
+            _, weights = load_adapter(self.checkpoint)
+            self.backend.set_adapter_weights(weights)
+        self.backend.load_optimizer_state(optimizer)
+        checkpoint.set_numpy_rng_state(rng)
+        if state.get("backend") != self.backend.name:
+            return [
+                f"checkpoint written by the {state.get('backend')} backend: its random state does "
+                "not carry over (only dropout draws differ)"
+            ]
+        self.backend.set_rng_state(rng)
+        return []
+
+    def _interrupted(self, pos: Position) -> None:
+        """Ctrl-C: keep the progress as a checkpoint, say how to continue, exit with status 130."""
+        import click
+
+        if pos.step > self.saved_step:
+            self.save_checkpoint(pos)
+        if self.last_checkpoint is None:
+            click.echo("Interrupted before the first step: nothing to save.", err=True)
+        else:
+            click.echo(
+                f"Interrupted at step {pos.step}: saved checkpoint {self.last_checkpoint}. "
+                f"Resume with: mlxft lora --config {self.out / CONFIG_FILE} --resume "
+                "(or your command plus --resume)",
+                err=True,
+            )
+        raise KeyboardInterrupt
+
+    def save_adapter(self, out_dir: Path) -> None:
+        if self.cfg.fine_tune_type == "full":  # no adapter: the directory holds the whole model
+            weights = self.backend.model_weights()
+            save_full_model(out_dir, weights, self.model_path, self.backend.dtype)
+            return
+        save_adapter(out_dir, self.backend.adapter_weights(), adapter_config(self.plan, self.cfg.model))
+
+    def save_checkpoint(self, pos: Position) -> Path:
+        """checkpoints/step-NNNNNNN: weights, config, optimizer state, RNG, data position."""
+        self.last_checkpoint = checkpoint.write_checkpoint(
+            self.out, pos, self.save_adapter, self.cfg, self.backend, self.fingerprint,
+            self.cfg.keep_checkpoints,
+        )
+        self.saved_step = pos.step
+        return self.last_checkpoint
+
+    # ------------------------------------------------------------------ test
+    def test(self) -> float:
+        if "test" not in self.splits:
+            raise UserError(f"{self.cfg.data}: no test.jsonl for --test")
+        batches = eval_batches(self.splits["test"], self.cfg.batch_size, self.pad_id, self.cfg.test_batches)
+        total, count = self.backend.eval_loss(batches)
+        loss = total / max(count, 1)
+        if not self.quiet:
+            print(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700)):.3f}.")
+        return loss
+
+
+class Window:
+    """Sums over the steps since the last report, and over the whole run, for the rates."""
+
+    def __init__(self):
+        self.reset()
+        self.run_steps, self.run_tokens, self.run_seconds = 0, 0, 0.0
+
+    def reset(self) -> None:
+        self.loss_sum, self.tokens, self.steps, self.seconds = 0.0, 0, 0, 0.0
+
+    def add(self, step: Step) -> None:
+        self.loss_sum += step.loss_sum
+        self.tokens += step.tokens
+        self.steps += 1
+        self.seconds += step.seconds
+        self.run_steps += 1
+        self.run_tokens += step.tokens
+        self.run_seconds += step.seconds
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1)
+
+    @property
+    def its(self) -> float:
+        return self.steps / self.seconds if self.seconds else 0.0
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def run_rates(self, step: int) -> tuple:
+        """(iterations/s, tokens/s) over this process's steps, as validation rows report them."""
+        if not self.run_seconds:
+            return 0.0, 0.0
+        return step / self.run_seconds, self.run_tokens / self.run_seconds

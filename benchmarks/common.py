@@ -38,7 +38,7 @@ class Run:
     wall_seconds: float
     peak_rss_gb: float
     steps: list = field(default_factory=list)  # [{"tokens": int, "seconds": float, "loss": float}]
-    peak_memory_gb: float | None = None         # the framework's own accounting, if any
+    peak_memory_gb: float | None = None  # the framework's own accounting, if any
     extra: dict = field(default_factory=dict)
     log_tail: str = ""
 
@@ -54,22 +54,37 @@ class Run:
 
     def to_dict(self, warmup: int) -> dict:
         out = asdict(self)
-        out.update(tokens_per_second=self.rate(warmup), median_step_seconds=self.median_step(warmup))
+        out.update(
+            tokens_per_second=self.rate(warmup), median_step_seconds=self.median_step(warmup)
+        )
         return out
 
 
-def run_measured(name: str, cmd: list, log: Path, env: dict | None = None, timeout: float = 3600) -> tuple:
+def run_measured(
+    name: str, cmd: list, log: Path, env: dict | None = None, timeout: float = 3600
+) -> tuple:
     """Run `cmd`, output to `log`; (exit status, wall seconds, peak RSS GB of that child alone).
     `env` adds to this process's environment; a None value removes that variable."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        **(env or {}),
+    }
     full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset in this command
     tic = time.perf_counter()
     with open(log, "w") as out:
         out.write("$ " + " ".join(map(str, cmd)) + "\n")
         out.flush()
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, env=full_env,
-                                cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=REPO,
+            start_new_session=True,
+        )
         timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
         timer.start()
         try:
@@ -104,7 +119,9 @@ def steps_from_reports(records: list, loss_key: str = "train_loss") -> list:
             continue
         tokens = r["trained_tokens"] - before
         before = r["trained_tokens"]
-        steps.append({"tokens": tokens, "seconds": tokens / r["tokens_per_second"], "loss": r[loss_key]})
+        steps.append(
+            {"tokens": tokens, "seconds": tokens / r["tokens_per_second"], "loss": r[loss_key]}
+        )
     return steps
 
 
@@ -148,7 +165,16 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for name in ("mlx", "mlx-lm", "torch", "transformers", "peft", "accelerate", "ngsolve-openblas", "numpy"):
+    for name in (
+        "mlx",
+        "mlx-lm",
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "ngsolve-openblas",
+        "numpy",
+    ):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -157,9 +183,15 @@ def versions() -> dict:
 
 
 def machine() -> dict:
-    return {"cpu": cpu_model(), "nproc": os.cpu_count(), "ram_gb": round(ram_gb(), 1),
-            "platform": platform.platform(), "load_average": load_average(),
-            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "versions": versions()}
+    return {
+        "cpu": cpu_model(),
+        "nproc": os.cpu_count(),
+        "ram_gb": round(ram_gb(), 1),
+        "platform": platform.platform(),
+        "load_average": load_average(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "versions": versions(),
+    }
 
 
 # ---------------------------------------------------------------------------------- model FLOPs
@@ -171,8 +203,16 @@ def train_flops_per_token(model_dir: Path, seq_len: float, adapted_fraction: flo
     masked half, like torch's SDPA, do not do that work).  LoRA's rank-r matmuls are <1% here
     and left out."""
     cfg = json.loads((model_dir / "config.json").read_text())
-    d, layers, ffn, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    d, layers, ffn, vocab = (
+        cfg["hidden_size"],
+        cfg["num_hidden_layers"],
+        cfg["intermediate_size"],
+        cfg["vocab_size"],
+    )
+    heads, kv = (
+        cfg["num_attention_heads"],
+        cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+    )
     head_dim = cfg.get("head_dim") or d // heads
     per_layer = d * heads * head_dim * 2 + d * kv * head_dim * 2 + 3 * d * ffn
     linear = layers * per_layer + d * vocab
@@ -197,9 +237,16 @@ def load_rows(data: Path, tokenizer, max_len: int, mask_prompt: bool = False) ->
         if "text" in record:
             ids, n = tokenizer(record["text"])["input_ids"] + [tokenizer.eos_token_id], 0
         else:
-            turns = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-            ids = tokenizer(tokenizer.apply_chat_template(turns, tokenize=False), add_special_tokens=False)["input_ids"]
-            prompt = tokenizer.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
+            turns = [
+                {"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["completion"]},
+            ]
+            ids = tokenizer(
+                tokenizer.apply_chat_template(turns, tokenize=False), add_special_tokens=False
+            )["input_ids"]
+            prompt = tokenizer.apply_chat_template(
+                turns[:1], tokenize=False, add_generation_prompt=True
+            )
             n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if mask_prompt else 0
         rows.append(ids[:max_len])
         masked.append(n)
@@ -213,6 +260,8 @@ def batch_order(rows: list, batch_size: int, seed: int, steps: int) -> list:
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     batches, epoch = [], 0
     while len(batches) < steps:
-        batches += [chunks[i] for i in np.random.default_rng((seed, epoch)).permutation(len(chunks))]
+        batches += [
+            chunks[i] for i in np.random.default_rng((seed, epoch)).permutation(len(chunks))
+        ]
         epoch += 1
     return batches[:steps]

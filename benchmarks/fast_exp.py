@@ -30,15 +30,23 @@ import argparse
 import json
 import time
 
-import mlxft  # noqa: F401  (OpenBLAS before mlx.core)
-
 import mlx.core as mx
 import mlx.nn as nn
 
+import mlxft  # noqa: F401  (OpenBLAS before mlx.core)
+
 LOG2E = 1.4426950408889634
 # Taylor coefficients of 2^f = e^(f ln 2) to degree 7: rel. err < 2e-7 on |f| <= 1/2
-COEFFS = [1.0, 0.6931471805599453, 0.2402265069591007, 0.05550410866482158, 0.009618129107628477,
-          0.0013333558146428443, 0.00015403530393381606, 1.525273380405984e-05]
+COEFFS = [
+    1.0,
+    0.6931471805599453,
+    0.2402265069591007,
+    0.05550410866482158,
+    0.009618129107628477,
+    0.0013333558146428443,
+    0.00015403530393381606,
+    1.525273380405984e-05,
+]
 
 
 def poly_exp(x: mx.array) -> mx.array:
@@ -85,7 +93,8 @@ def _poly_softmax_vjp(primals, cotangent, output):
 
 
 def attention_times(batch: int, seq: int, heads: int = 8, head_dim: int = 64) -> dict:
-    """Causal attention forward+backward, one block: MLX's SDPA vs matmul + poly softmax + matmul."""
+    """Causal attention forward+backward, one block: MLX's SDPA vs matmul + poly softmax +
+    matmul."""
     q, k, v = (mx.random.normal((batch, heads, seq, head_dim)) for _ in range(3))
     mask = mx.triu(mx.full((seq, seq), -1e9), k=1)
     mx.eval(q, k, v, mask)
@@ -100,7 +109,9 @@ def attention_times(batch: int, seq: int, heads: int = 8, head_dim: int = 64) ->
     out = {"attention max_abs_diff": float(mx.max(mx.abs(sdpa(q, k, v) - poly(q, k, v))))}
     for name, fn in (("sdpa", sdpa), ("poly", poly)):
         grad = mx.grad(lambda q, k, v: (fn(q, k, v) * v).sum(), argnums=(0, 1, 2))
-        out[f"attention {batch}x{seq} fwd+bwd {name} s"] = round(timed(lambda: mx.eval(grad(q, k, v)), 3), 3)
+        out[f"attention {batch}x{seq} fwd+bwd {name} s"] = round(
+            timed(lambda: mx.eval(grad(q, k, v)), 3), 3
+        )
     return out
 
 
@@ -118,7 +129,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=1920, help="batch x sequence positions (4 x 480)")
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seq", type=int, default=480, help="attention-score tensor (8 heads, seq x seq)")
+    p.add_argument(
+        "--seq", type=int, default=480, help="attention-score tensor (8 heads, seq x seq)"
+    )
     args = p.parse_args(argv)
     out = {}
     scores = mx.random.normal((8, args.seq, args.seq)) * 3
@@ -134,8 +147,12 @@ def main(argv=None) -> None:
     ref = mx.grad(lambda x: nn.losses.cross_entropy(x, targets).sum())
     fast = mx.grad(lambda x: poly_cross_entropy(x, targets).sum())
     g_ref, g_fast = ref(logits), fast(logits)
-    out["ce_loss_abs_diff"] = float(mx.abs(nn.losses.cross_entropy(logits, targets).sum()
-                                           - poly_cross_entropy(logits, targets).sum()))
+    out["ce_loss_abs_diff"] = float(
+        mx.abs(
+            nn.losses.cross_entropy(logits, targets).sum()
+            - poly_cross_entropy(logits, targets).sum()
+        )
+    )
     out["ce_grad_max_abs_diff"] = float(mx.max(mx.abs(g_ref - g_fast)))
     out["ce fwd+bwd mx.exp s"] = round(timed(lambda: mx.eval(ref(logits)), 3), 3)
     out["ce fwd+bwd poly s"] = round(timed(lambda: mx.eval(fast(logits)), 3), 3)

@@ -41,12 +41,26 @@ DATA_DIR = CACHE / "data"
 WIKISQL = REPO / "examples" / "data" / "wikisql"
 
 VOCAB = 32000
-DIMS = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-            intermediate_size=1376, max_position_embeddings=2048, tie_word_embeddings=True)
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
-                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}")
+DIMS = dict(
+    hidden_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    intermediate_size=1376,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
 # name -> (max_seq_length, packed row budget in tokens; None = raw rows)
-DATASETS = {"raw": (512, None), "packed512": (512, 480), "packed1024": (1024, 990), "packed2048": (2048, 2000)}
+DATASETS = {
+    "raw": (512, None),
+    "packed512": (512, 480),
+    "packed1024": (1024, 990),
+    "packed2048": (2048, 2000),
+}
 
 
 def _corpus(limit_bytes: int = 12_000_000):
@@ -61,7 +75,7 @@ def _corpus(limit_bytes: int = 12_000_000):
         except (UnicodeDecodeError, OSError):
             continue
         for start in range(0, len(text), 4000):
-            yield text[start:start + 4000]
+            yield text[start : start + 4000]
         used += len(text)
         if used > limit_bytes:
             return
@@ -73,17 +87,28 @@ def build_tokenizer(out: Path):
 
     specials = ["<unk>", "<s>", "</s>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\d"), behavior="isolated"),  # one token per digit, as Llama
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(r"\d"), behavior="isolated"
+            ),  # one token per digit, as Llama
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return fast
@@ -102,14 +127,20 @@ def build_model(out: Path, vocab_size: int, seed: int = 0) -> int:
 
 
 def _rows(split: str) -> list[str]:
-    return [json.loads(line)["text"] for line in (WIKISQL / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+    return [
+        json.loads(line)["text"]
+        for line in (WIKISQL / f"{split}.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
 
 
 def pack(texts: list[str], tokenizer, budget: int) -> list[str]:
     """Concatenate rows (blank line between) into packed rows of <= budget tokens (BOS and EOS
     included) by first-fit decreasing, so packed rows come out nearly the same length."""
-    sized = sorted(((len(tokenizer(t + "\n\n", add_special_tokens=False)["input_ids"]), t) for t in texts),
-                   key=lambda x: -x[0])
+    sized = sorted(
+        ((len(tokenizer(t + "\n\n", add_special_tokens=False)["input_ids"]), t) for t in texts),
+        key=lambda x: -x[0],
+    )
     bins: list[list] = []  # [used tokens, texts]
     for n, text in sized:
         for b in bins:
@@ -133,10 +164,16 @@ def write_data(tokenizer) -> dict:
                 texts = pack(texts, tokenizer, budget)
                 if split == "valid" and len(texts) < 4:  # keep a few valid rows at long lengths
                     texts = pack(_rows("train")[-200:], tokenizer, budget)[:4]
-            (folder / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+            (folder / f"{split}.jsonl").write_text(
+                "".join(json.dumps({"text": t}) + "\n" for t in texts)
+            )
             lengths = [len(tokenizer(t)["input_ids"]) + 1 for t in texts]
-            stats[f"{name}/{split}"] = {"rows": len(texts), "min": min(lengths), "max": max(lengths),
-                                        "mean": round(sum(lengths) / len(lengths), 1)}
+            stats[f"{name}/{split}"] = {
+                "rows": len(texts),
+                "min": min(lengths),
+                "max": max(lengths),
+                "mean": round(sum(lengths) / len(lengths), 1),
+            }
             assert max(lengths) <= max_len, (name, split, max(lengths))
     return stats
 
@@ -145,7 +182,10 @@ def ensure_chat_template(model_dir: Path) -> None:
     """Give a model built before the template existed the same template (idempotent)."""
     path = model_dir / "tokenizer_config.json"
     config = json.loads(path.read_text())
-    if config.get("chat_template") != CHAT_TEMPLATE and not (model_dir / "chat_template.jinja").exists():
+    if (
+        config.get("chat_template") != CHAT_TEMPLATE
+        and not (model_dir / "chat_template.jinja").exists()
+    ):
         config["chat_template"] = CHAT_TEMPLATE
         path.write_text(json.dumps(config, indent=2))
 

@@ -28,10 +28,14 @@ class JsonLines:
         self.handle.write(json.dumps({"blas": _blas.status()}) + "\n")
 
     def on_train_loss_report(self, info: dict) -> None:
-        self.handle.write(json.dumps({k: float(v) if hasattr(v, "item") else v for k, v in info.items()}) + "\n")
+        self.handle.write(
+            json.dumps({k: float(v) if hasattr(v, "item") else v for k, v in info.items()}) + "\n"
+        )
 
     def on_val_loss_report(self, info: dict) -> None:
-        self.handle.write(json.dumps({k: float(v) if hasattr(v, "item") else v for k, v in info.items()}) + "\n")
+        self.handle.write(
+            json.dumps({k: float(v) if hasattr(v, "item") else v for k, v in info.items()}) + "\n"
+        )
 
 
 class _Rows:
@@ -53,22 +57,25 @@ def our_batches(theirs: list):
     Its own order differs from ours, and peak memory follows the largest batch seen."""
     from pathlib import Path
 
+    from common import batch_order, load_rows
     from mlx_lm.tuner import trainer
     from transformers import AutoTokenizer
-
-    from common import batch_order, load_rows
 
     def flag(name, default=None):
         return theirs[theirs.index(name) + 1] if name in theirs else default
 
     tokenizer = AutoTokenizer.from_pretrained(flag("--model"))
     rows, _ = load_rows(Path(flag("--data")), tokenizer, int(flag("--max-seq-length", 2048)))
-    order = batch_order(rows, int(flag("--batch-size", 4)), int(flag("--seed", 0)), int(flag("--iters", 1000)))
+    order = batch_order(
+        rows, int(flag("--batch-size", 4)), int(flag("--seed", 0)), int(flag("--iters", 1000))
+    )
     own = trainer.iterate_batches
 
     def iterate(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
         if not loop:  # evaluation (mlx_lm's train loop is the one that loops): its own batches
-            yield from own(dataset, batch_size, max_seq_length, loop=loop, seed=seed, comm_group=comm_group)
+            yield from own(
+                dataset, batch_size, max_seq_length, loop=loop, seed=seed, comm_group=comm_group
+            )
             return
         for chunk in order:
             yield next(own(_Rows(dataset, chunk), len(chunk), max_seq_length, seed=seed))
@@ -79,7 +86,7 @@ def our_batches(theirs: list):
 def main() -> None:
     args = sys.argv[1:]
     split = args.index("--")
-    mine, theirs = args[:split], args[split + 1:]
+    mine, theirs = args[:split], args[split + 1 :]
     metrics = mine[mine.index("--metrics") + 1]
     from functools import partial
 

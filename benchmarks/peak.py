@@ -1,6 +1,7 @@
 """Measured fp32 matmul (sgemm) peak of this machine, per framework, as JSON on stdout.
 
-    python benchmarks/peak.py mlx      # MLX with the BLAS mlxft loads (MLXFT_BLAS=reference: the wheel's)
+    python benchmarks/peak.py mlx      # MLX with the BLAS mlxft loads (MLXFT_BLAS=reference: the
+    wheel's)
     python benchmarks/peak.py torch
 
 The best of several n×n×n products (n = 1024, 2048) in GFLOP/s: the denominator of MFU.
@@ -24,10 +25,10 @@ def best_rate(run, n: int, repeats: int) -> float:
 
 
 def mlx_peak(sizes) -> dict:
+    import mlx.core as mx
+
     import mlxft  # noqa: F401  (loads OpenBLAS unless MLXFT_BLAS=reference)
     from mlxft.cpu import blas as _blas
-
-    import mlx.core as mx
 
     mats = {}
 
@@ -38,7 +39,12 @@ def mlx_peak(sizes) -> dict:
         mx.eval(mats[n][0] @ mats[n][1])
 
     rates = {n: best_rate(run, n, 5) for n in sizes}
-    return {"framework": "mlx", "blas": _blas.status(), "gflops": max(rates.values()), "by_size": rates}
+    return {
+        "framework": "mlx",
+        "blas": _blas.status(),
+        "gflops": max(rates.values()),
+        "by_size": rates,
+    }
 
 
 def torch_peak(sizes) -> dict:
@@ -52,10 +58,17 @@ def torch_peak(sizes) -> dict:
         mats[n][0] @ mats[n][1]
 
     rates = {n: best_rate(run, n, 5) for n in sizes}
-    out = {"framework": "torch", "threads": torch.get_num_threads(), "gflops": max(rates.values()), "by_size": rates}
+    out = {
+        "framework": "torch",
+        "threads": torch.get_num_threads(),
+        "gflops": max(rates.values()),
+        "by_size": rates,
+    }
     from mlxft.torch_backend.cpu_matmul import _linear, _pointwise
 
-    if _pointwise() is not None:  # the oneDNN route our torch backend takes where it measures faster
+    if (
+        _pointwise() is not None
+    ):  # the oneDNN route our torch backend takes where it measures faster
 
         def run_onednn(n):
             _linear(mats[n][0], mats[n][1])

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import batch_order, load_rows  # noqa: F401  (shared with mlx_lm_run.py, which must not import torch)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -54,22 +53,32 @@ def peft_model(args):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                        target_modules=args.keys.split(",") if args.keys else ALL_LINEAR)
+    config = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=args.keys.split(",") if args.keys else ALL_LINEAR,
+    )
     model = get_peft_model(model, config)
     if args.grad_checkpoint:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         model.enable_input_require_grads()
     return model
 
 
-
 def run_loop(args, model, rows, masked, pad_id, out) -> None:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=0.0
+    )
     model.train()
     for step, chunk in enumerate(batch_order(rows, args.batch_size, args.seed, args.iters), 1):
         batch = collate([rows[i] for i in chunk], pad_id, [masked[i] for i in chunk])
@@ -79,8 +88,17 @@ def run_loop(args, model, rows, masked, pad_id, out) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - tic
-        out.write(json.dumps({"step": step, "tokens": trained_tokens(batch), "seconds": seconds,
-                              "loss": loss.item()}) + "\n")
+        out.write(
+            json.dumps(
+                {
+                    "step": step,
+                    "tokens": trained_tokens(batch),
+                    "seconds": seconds,
+                    "loss": loss.item(),
+                }
+            )
+            + "\n"
+        )
 
 
 def run_trainer(args, model, rows, masked, pad_id, out) -> None:
@@ -114,20 +132,48 @@ def run_trainer(args, model, rows, masked, pad_id, out) -> None:
                 self.losses[state.global_step] = logs["loss"]
 
     training_args = TrainingArguments(
-        output_dir=str(Path(args.metrics).parent / "hf_trainer_out"), per_device_train_batch_size=1,
-        max_steps=args.iters, learning_rate=args.learning_rate, weight_decay=0.0, lr_scheduler_type="constant",
-        warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
-        train_sampling_strategy="sequential", remove_unused_columns=False, use_cpu=True, seed=args.seed,
-        disable_tqdm=True, optim="adamw_torch",
+        output_dir=str(Path(args.metrics).parent / "hf_trainer_out"),
+        per_device_train_batch_size=1,
+        max_steps=args.iters,
+        learning_rate=args.learning_rate,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=args.seed,
+        disable_tqdm=True,
+        optim="adamw_torch",
     )
     timer = Timer()
-    ordered = [{"rows": chunk} for chunk in batch_order(rows, args.batch_size, args.seed, args.iters)]
-    trainer = Trainer(model=model, args=training_args, train_dataset=ordered,
-                      data_collator=collator, callbacks=[timer])
+    ordered = [
+        {"rows": chunk} for chunk in batch_order(rows, args.batch_size, args.seed, args.iters)
+    ]
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=ordered,
+        data_collator=collator,
+        callbacks=[timer],
+    )
     trainer.train()
     for i, seconds in enumerate(timer.seconds):
-        out.write(json.dumps({"step": i + 1, "tokens": counts[i], "seconds": seconds,
-                              "loss": timer.losses.get(i + 1)}) + "\n")
+        out.write(
+            json.dumps(
+                {
+                    "step": i + 1,
+                    "tokens": counts[i],
+                    "seconds": seconds,
+                    "loss": timer.losses.get(i + 1),
+                }
+            )
+            + "\n"
+        )
 
 
 def main(argv=None) -> None:
@@ -143,7 +189,11 @@ def main(argv=None) -> None:
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--keys", default="")
     p.add_argument("--grad-checkpoint", action="store_true")
-    p.add_argument("--mask-prompt", action="store_true", help="prompt/completion rows: train on completions only")
+    p.add_argument(
+        "--mask-prompt",
+        action="store_true",
+        help="prompt/completion rows: train on completions only",
+    )
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -151,12 +201,21 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     rows, masked = load_rows(args.data, tokenizer, args.max_seq_length, args.mask_prompt)
     model = peft_model(args)
     with open(args.metrics, "w", buffering=1) as out:
-        out.write(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "mode": args.mode}) + "\n")
-        (run_trainer if args.mode == "trainer" else run_loop)(args, model, rows, masked, pad_id, out)
+        out.write(
+            json.dumps(
+                {"torch": torch.__version__, "threads": torch.get_num_threads(), "mode": args.mode}
+            )
+            + "\n"
+        )
+        (run_trainer if args.mode == "trainer" else run_loop)(
+            args, model, rows, masked, pad_id, out
+        )
 
 
 if __name__ == "__main__":

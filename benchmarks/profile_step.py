@@ -47,10 +47,22 @@ def session(fw: str, args):
     from mlxft.training.session import Session
 
     tmp = tempfile.mkdtemp(prefix="mlxft-profile-")
-    cfg = build_config(None, {"model": str(args.model), "data": str(args.data), "backend": fw, "train": True,
-                              "batch_size": args.batch, "max_seq_length": args.seq, "num_layers": -1,
-                              "learning_rate": 1e-4, "optimizer": "adam", "adapter_path": str(Path(tmp) / "a")},
-                       {"rank": 8, "alpha": 16.0})
+    cfg = build_config(
+        None,
+        {
+            "model": str(args.model),
+            "data": str(args.data),
+            "backend": fw,
+            "train": True,
+            "batch_size": args.batch,
+            "max_seq_length": args.seq,
+            "num_layers": -1,
+            "learning_rate": 1e-4,
+            "optimizer": "adam",
+            "adapter_path": str(Path(tmp) / "a"),
+        },
+        {"rank": 8, "alpha": 16.0},
+    )
     s = Session(cfg, reporter_quiet=True)
     s.backend.setup_training(cfg)
     batch = epoch_batches(s.splits["train"], cfg.batch_size, seed=0, epoch=0, pad_id=s.pad_id)[0]
@@ -94,14 +106,17 @@ def profile_mlx(args) -> dict:
             with backend._kernels():
                 out = fn()
             mx.eval(out)
+
         return run
 
     out = {
         "step": timed(lambda: backend.train_step([batch], 1e-4), args.repeats),
         "forward": timed(in_step(lambda: loss(model, inputs, targets, mask)), args.repeats),
         "fwd_bwd": timed(in_step(lambda: grad(model, inputs, targets, mask)), args.repeats),
-        "attention": L * timed(lambda: mx.eval(mx.grad(ours, argnums=(0, 1, 2))(q, k, v)), args.repeats),
-        "attention_mlx_sdpa": L * timed(lambda: mx.eval(mx.grad(sdpa, argnums=(0, 1, 2))(q, k, v)), args.repeats),
+        "attention": L
+        * timed(lambda: mx.eval(mx.grad(ours, argnums=(0, 1, 2))(q, k, v)), args.repeats),
+        "attention_mlx_sdpa": L
+        * timed(lambda: mx.eval(mx.grad(sdpa, argnums=(0, 1, 2))(q, k, v)), args.repeats),
         "softmax": L * timed(lambda: mx.eval(shifted_exp(scores).sum(-1)), args.repeats),
         "softmax_mlx": L * timed(lambda: mx.eval(mx.softmax(scores, axis=-1)), args.repeats),
         "loss_head": timed(lambda: mx.eval(chunked_head(hidden)), args.repeats),

@@ -30,7 +30,12 @@ VARIANTS = {  # name -> config overrides
     "QLoRA 8-bit (g32)": {"dtype": "float32", "quantize": 8, "q_group_size": 32},
     "QLoRA 4-bit (g32)": {"dtype": "float32", "quantize": 4, "q_group_size": 32},
     "QLoRA 4-bit (g64)": {"dtype": "float32", "quantize": 4, "q_group_size": 64},
-    "QDoRA 4-bit (g32)": {"dtype": "float32", "quantize": 4, "q_group_size": 32, "fine_tune_type": "dora"},
+    "QDoRA 4-bit (g32)": {
+        "dtype": "float32",
+        "quantize": 4,
+        "q_group_size": 32,
+        "fine_tune_type": "dora",
+    },
     "full fp32 (reference)": {"dtype": "float32", "fine_tune_type": "full"},
 }
 
@@ -45,16 +50,31 @@ def run_one(name: str, args) -> dict:
     from mlxft.training.session import Session
 
     with tempfile.TemporaryDirectory() as tmp:
-        values = dict(model=str(args.model), data=str(args.data), adapter_path=tmp, train=True, iters=args.steps,
-                      batch_size=args.batch, max_seq_length=args.seq, num_layers=-1, learning_rate=1e-4,
-                      val_batches=1, seed=0, **VARIANTS[name])
+        values = dict(
+            model=str(args.model),
+            data=str(args.data),
+            adapter_path=tmp,
+            train=True,
+            iters=args.steps,
+            batch_size=args.batch,
+            max_seq_length=args.seq,
+            num_layers=-1,
+            learning_rate=1e-4,
+            val_batches=1,
+            seed=0,
+            **VARIANTS[name],
+        )
         cfg = build_config(overrides=values, lora_overrides={"rank": 8})
         session = Session(cfg, reporter_quiet=True)
         backend = session.backend
         trainable, total = backend.parameter_counts()
         backend.setup_training(cfg)
-        batches = epoch_batches(session.splits["train"], args.batch, seed=0, epoch=0, pad_id=session.pad_id)
-        batches = sorted(batches, key=lambda b: -b.inputs.shape[1])[: args.steps]  # the longest: full --seq
+        batches = epoch_batches(
+            session.splits["train"], args.batch, seed=0, epoch=0, pad_id=session.pad_id
+        )
+        batches = sorted(batches, key=lambda b: -b.inputs.shape[1])[
+            : args.steps
+        ]  # the longest: full --seq
         mx.synchronize()
         weights_gb = mx.get_active_memory() / 1e9
         backend.reset_peak_memory()
@@ -65,10 +85,16 @@ def run_one(name: str, args) -> dict:
             times.append(time.perf_counter() - tic)
             losses.append(loss / tokens)
         return {
-            "variant": name, "shape": list(batches[0].inputs.shape), "trainable_m": trainable / 1e6,
-            "total_m": total / 1e6, "weights_gb": weights_gb, "peak_gb": backend.peak_memory_gb(),
+            "variant": name,
+            "shape": list(batches[0].inputs.shape),
+            "trainable_m": trainable / 1e6,
+            "total_m": total / 1e6,
+            "weights_gb": weights_gb,
+            "peak_gb": backend.peak_memory_gb(),
             "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-            "step_s": sorted(times)[len(times) // 2], "loss_first": losses[0], "loss_last": losses[-1],
+            "step_s": sorted(times)[len(times) // 2],
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
         }
 
 
@@ -79,7 +105,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--only", help="run this one variant in-process and print its JSON (used internally)")
+    parser.add_argument(
+        "--only", help="run this one variant in-process and print its JSON (used internally)"
+    )
     args = parser.parse_args(argv)
     if args.only:
         print(json.dumps(run_one(args.only, args)))
@@ -88,22 +116,45 @@ def main(argv=None) -> int:
         sys.exit(f"{args.model}: no model; run python benchmarks/make_bench_model.py first")
     rows = []
     for name in VARIANTS:
-        cmd = [sys.executable, __file__, "--only", name, "--model", args.model, "--data", args.data,
-               "--steps", str(args.steps), "--seq", str(args.seq), "--batch", str(args.batch)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--only",
+            name,
+            "--model",
+            args.model,
+            "--data",
+            args.data,
+            "--steps",
+            str(args.steps),
+            "--seq",
+            str(args.seq),
+            "--batch",
+            str(args.batch),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{name} failed:\n{out.stderr[-2000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]["peak_gb"]
-    print(f"MLX {__import__('mlx.core').core.default_device()}, batch {args.batch} x seq {args.seq}, "
-          f"{args.steps} steps, rank 8 on all linears of all blocks\n")
-    print("| variant | trainable | weights resident | peak (MLX) | vs LoRA fp32 | peak RSS | step (median) "
-          "| loss first -> last |")
+    print(
+        f"MLX {__import__('mlx.core').core.default_device()}, batch {args.batch} x seq {args.seq}, "
+        f"{args.steps} steps, rank 8 on all linears of all blocks\n"
+    )
+    print(
+        "| variant | trainable | weights resident | peak (MLX) | vs LoRA fp32 | peak RSS | step "
+        "(median) "
+        "| loss first -> last |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['trainable_m']:.2f}M of {r['total_m']:.1f}M | {r['weights_gb']:.3f} GB "
-              f"| {r['peak_gb']:.3f} GB | {r['peak_gb'] / base:.2f}x | {r['rss_gb']:.2f} GB | {r['step_s']:.2f} s "
-              f"| {r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
+        print(
+            f"| {r['variant']} | {r['trainable_m']:.2f}M of {r['total_m']:.1f}M | "
+            f"{r['weights_gb']:.3f} GB "
+            f"| {r['peak_gb']:.3f} GB | {r['peak_gb'] / base:.2f}x | {r['rss_gb']:.2f} GB | "
+            f"{r['step_s']:.2f} s "
+            f"| {r['loss_first']:.3f} -> {r['loss_last']:.3f} |"
+        )
     return 0
 
 

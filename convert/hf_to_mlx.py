@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from mlxft.mlx_backend.arrays import numpy_weights
 from mlxft.errors import UserError
 from mlxft.fileio import atomic_dir, check_destination
 from mlxft.hub import resolve_model
+from mlxft.mlx_backend.arrays import numpy_weights
 from mlxft.model_dir import (
     check_dtype,
     copy_aux_files,
@@ -34,7 +33,9 @@ Q_GROUP_SIZES = (32, 64, 128)
 
 def check_quant_args(q_bits: int, q_group_size: int) -> None:
     if q_bits not in Q_BITS:
-        raise UserError(f"--q-bits {q_bits}: not supported; use one of {', '.join(map(str, Q_BITS))}")
+        raise UserError(
+            f"--q-bits {q_bits}: not supported; use one of {', '.join(map(str, Q_BITS))}"
+        )
     if q_group_size not in Q_GROUP_SIZES:
         sizes = ", ".join(map(str, Q_GROUP_SIZES))
         raise UserError(f"--q-group-size {q_group_size}: not supported; use one of {sizes}")
@@ -67,7 +68,8 @@ def _weight_names(src: Path) -> set[str]:
 
 
 def _stage_pickle(src: Path, staging: Path) -> Path:
-    """Re-save a pickle-only checkpoint (user passed --allow-pickle) as safetensors mlx-lm can load."""
+    """Re-save a pickle-only checkpoint (user passed --allow-pickle) as safetensors mlx-lm can
+    load."""
     import torch
     from safetensors.torch import save_file
 
@@ -75,7 +77,10 @@ def _stage_pickle(src: Path, staging: Path) -> Path:
     for f in sorted(list(src.glob("*.bin")) + list(src.glob("*.pt")) + list(src.glob("*.pth"))):
         state.update(torch.load(f, map_location="cpu", weights_only=False))
     # clone: tied tensors share storage, which safetensors refuses
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(staging / "model.safetensors"))
+    save_file(
+        {k: v.detach().contiguous().clone() for k, v in state.items()},
+        str(staging / "model.safetensors"),
+    )
     for f in src.glob("*.json"):
         if f.name != "pytorch_model.bin.index.json":
             (staging / f.name).write_bytes(f.read_bytes())
@@ -88,8 +93,8 @@ def to_mlx(
     quantize: bool = False,
     q_bits: int = 4,
     q_group_size: int = 64,
-    dtype: Optional[str] = None,
-    revision: Optional[str] = None,
+    dtype: str | None = None,
+    revision: str | None = None,
     allow_pickle: bool = False,
 ) -> Path:
     """Convert a HF model to an MLX directory mlx-lm loads; returns the output path.
@@ -128,8 +133,13 @@ def _load(path: Path):
     config = mlx_config(path)
     try:
         model, _ = load_model(path, lazy=True, model_config=config)
-    except (ValueError, FileNotFoundError) as err:  # unknown model_type, weight/shape mismatch, no model*.safetensors
-        raise UserError(f"{path}: mlx-lm cannot load this model ({str(err).splitlines()[0]})") from None
+    except (
+        ValueError,
+        FileNotFoundError,
+    ) as err:  # unknown model_type, weight/shape mismatch, no model*.safetensors
+        raise UserError(
+            f"{path}: mlx-lm cannot load this model ({str(err).splitlines()[0]})"
+        ) from None
     return model, config
 
 

@@ -11,13 +11,12 @@ or the tied `lm_head.weight`, which transformers re-ties from `tie_word_embeddin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from mlx.utils import tree_flatten
 
-from mlxft.mlx_backend.arrays import numpy_weights
 from mlxft.errors import UserError
 from mlxft.fileio import check_destination
+from mlxft.mlx_backend.arrays import numpy_weights
 from mlxft.model_dir import check_dtype, check_model_dir, hf_config, read_model_config, save_hf_dir
 
 
@@ -36,7 +35,7 @@ def load_mlx_weights(mlx_path: Path) -> tuple[dict, dict]:
     return numpy_weights(dict(tree_flatten(model.parameters()))), config
 
 
-def to_hf(mlx_path, hf_path, dtype: Optional[str] = None) -> Path:
+def to_hf(mlx_path, hf_path, dtype: str | None = None) -> Path:
     """Convert an MLX directory (quantized or not) to a HF directory; returns the output path.
 
     Quantized weights come back in their scales' dtype unless `dtype` says otherwise."""

@@ -7,12 +7,13 @@ from mlxft.cpu import blas as _blas
 
 
 class _BlasBeforeMLX(importlib.abc.MetaPathFinder):
-    """Loads OpenBLAS (see _blas.py) just before the first import of an `mlx.` submodule, not at `import mlxft`.
+    """Loads OpenBLAS (mlxft/cpu/blas.py) just before the first import of an `mlx.` submodule,
+    not at `import mlxft`.
 
     Why not eagerly: OpenBLAS is loaded process-wide, and libtorch exports the BLAS names its
     own MKL answers to, so in a process that trains with torch OpenBLAS would take over torch's
-    matmuls with a second thread pool (measured: 296 vs 815 tok/s on the 40M bench model, 2
-    cores).  Processes that never import MLX (the torch backend's) keep torch's BLAS."""
+    matmuls with a second thread pool, several times slower (benchmarks/RESULTS.md).
+    Processes that never import MLX (the torch backend's) keep torch's BLAS."""
 
     def find_spec(self, name, path=None, target=None):
         # a submodule, not "mlx" itself: libraries probe find_spec("mlx") (transformers does)

@@ -141,6 +141,8 @@ def head_note(split: bool, chunked: bool = False) -> str:
     if not split:
         return "output head: inside the model, on every position (its logits are not head(body(x)))"
     where = (
-        "on trained positions only" if flags.head_rows() else "on every position (MLXFT_HEAD_ROWS=0)"
+        "on trained positions only"
+        if flags.head_rows()
+        else "on every position (MLXFT_HEAD_ROWS=0)"
     )
     return f"output head: {where}" + (", chunked cross-entropy" if chunked else "")

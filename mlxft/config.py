@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -43,9 +43,9 @@ class Config:
     """Everything a run needs, from YAML and flags; `build_config` fills and checks it."""
 
     # --- what to train, on what
-    model: Optional[str] = None
+    model: str | None = None
     """Model directory or Hugging Face hub id."""
-    data: Optional[str] = None
+    data: str | None = None
     """Directory with train/valid[/test].jsonl, or one .jsonl/.json file (split by valid_split)."""
     train: bool = False
     """Fine-tune."""
@@ -53,7 +53,7 @@ class Config:
     """Report loss and perplexity on the test split."""
     backend: str = "mlx"
     """Tensor backend: mlx, or torch (the same run on PyTorch)."""
-    device: Optional[str] = None
+    device: str | None = None
     """torch only: mps | cuda[:N] | cpu (default: the best available)."""
     dtype: str = "auto"
     """auto (the backend's default) | float32 | bfloat16 | float16."""
@@ -61,9 +61,9 @@ class Config:
     """lora | dora | full."""
     trust_remote_code: bool = False
     """Allow the model's or tokenizer's own code to run."""
-    revision: Optional[str] = None
+    revision: str | None = None
     """Hub model: the branch, tag or commit to download."""
-    quantize: Optional[int] = None
+    quantize: int | None = None
     """QLoRA (MLX only): quantize the base to 4 or 8 bits on load."""
     q_group_size: int = 64
     """QLoRA quantization group size (32, 64, 128)."""
@@ -74,18 +74,18 @@ class Config:
     """Train on completions / assistant turns only."""
     valid_split: float = 0.1
     """Share of a single data file held out for validation."""
-    prompt_template: Optional[str] = None
+    prompt_template: str | None = None
     """Render other record shapes: prompt text with {field} placeholders."""
-    completion_template: Optional[str] = None
+    completion_template: str | None = None
     """The trained part of such records, with {field} placeholders."""
-    chat_template: Optional[str] = None
+    chat_template: str | None = None
     """A jinja chat template (text or file) instead of the tokenizer's."""
     use_chat_template: str = "auto"
     """prompt/completion records: auto (when the tokenizer has one) | true | false."""
     # --- schedule of work
-    iters: Optional[int] = None
+    iters: int | None = None
     """Optimizer steps (default: from epochs, else 1000)."""
-    epochs: Optional[int] = None
+    epochs: int | None = None
     """Epochs, when iters is not set."""
     batch_size: int = 4
     """Sequences per batch."""
@@ -104,7 +104,7 @@ class Config:
     """Decoupled for adamw, coupled for sgd."""
     optimizer_config: dict = field(default_factory=dict)
     """Per-optimizer options, e.g. {adamw: {betas: [0.9, 0.95], eps: 1e-8}}."""
-    grad_clip: Optional[float] = None
+    grad_clip: float | None = None
     """Clip the global gradient norm to this value."""
     # --- adapters
     num_layers: int = 16
@@ -126,11 +126,11 @@ class Config:
     """Newest checkpoints kept."""
     adapter_path: str = "adapters"
     """Output directory: adapter, config, metrics.jsonl, checkpoints."""
-    resume_adapter_file: Optional[str] = None
+    resume_adapter_file: str | None = None
     """Start a NEW run from an existing adapter's weights."""
     resume: bool = False
     """Continue the run in adapter_path from its latest checkpoint."""
-    resume_from: Optional[str] = None
+    resume_from: str | None = None
     """Continue from this checkpoint directory."""
     seed: int = 0
     """Seed for adapter init, batch order and dropout."""
@@ -153,7 +153,7 @@ class Config:
         return float(self.lora_parameters["dropout"])
 
     @property
-    def lora_keys(self) -> Optional[list]:
+    def lora_keys(self) -> list | None:
         return self.lora_parameters.get("keys")
 
     @property
@@ -171,11 +171,32 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-_PATH_KEYS = ("model", "data", "adapter_path", "resume_adapter_file", "resume_from", "chat_template")
-_BOOL_KEYS = {n for n, f in FIELDS.items() if f.type in ("bool",)}
-_INT_KEYS = {n for n, f in FIELDS.items() if f.type in ("int", "Optional[int]")}
-_FLOAT_KEYS = {n for n, f in FIELDS.items() if f.type in ("float", "Optional[float]")}
-_STR_KEYS = {n for n, f in FIELDS.items() if f.type in ("str", "Optional[str]")}
+_PATH_KEYS = (
+    "model",
+    "data",
+    "adapter_path",
+    "resume_adapter_file",
+    "resume_from",
+    "chat_template",
+)
+
+
+def _annotation(f: dataclasses.Field) -> tuple:
+    """(base type name, whether None is allowed) of a field, whichever way it is spelled
+    (`Optional[int]`, `int | None`)."""
+    text = str(f.type).replace(" ", "")
+    optional = text.startswith("Optional[") or "|None" in text or text.startswith("None|")
+    base = (
+        text.removeprefix("Optional[").removesuffix("]") if text.startswith("Optional[") else text
+    )
+    return base.replace("|None", "").replace("None|", ""), optional
+
+
+_KINDS = {n: _annotation(f) for n, f in FIELDS.items()}
+_BOOL_KEYS = {n for n, (t, _) in _KINDS.items() if t == "bool"}
+_INT_KEYS = {n for n, (t, _) in _KINDS.items() if t == "int"}
+_FLOAT_KEYS = {n for n, (t, _) in _KINDS.items() if t == "float"}
+_STR_KEYS = {n for n, (t, _) in _KINDS.items() if t == "str"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -250,7 +271,7 @@ def _check_type(key: str, value: Any, where: str) -> Any:
         return UserError(f"{where}: key '{key}' must be {expected}, got {value!r}")
 
     if value is None:
-        if FIELDS[key].type.startswith("Optional") or key in ("lr_schedule",):
+        if _KINDS[key][1] or key in ("lr_schedule",):
             return None
         raise bad("set (not empty)")
     if key in _BOOL_KEYS:
@@ -284,10 +305,14 @@ def _normalize_schedule(value: Any, where: str) -> dict:
     if isinstance(value, str):
         value = {"name": value}
     if not isinstance(value, dict):
-        raise UserError(f"{where}: key 'lr_schedule' must be one of {', '.join(SCHEDULES)} or a mapping")
+        raise UserError(
+            f"{where}: key 'lr_schedule' must be one of {', '.join(SCHEDULES)} or a mapping"
+        )
     for key in value:
         if key not in SCHEDULE_KEYS and key != "arguments":
-            raise UserError(f"{where}: unknown key 'lr_schedule.{key}', {_closest(key, SCHEDULE_KEYS)}")
+            raise UserError(
+                f"{where}: unknown key 'lr_schedule.{key}', {_closest(key, SCHEDULE_KEYS)}"
+            )
     name = str(value.get("name", "constant"))
     name = _SCHEDULE_ALIASES.get(name, name)
     if name not in SCHEDULES:
@@ -307,12 +332,17 @@ def _normalize_schedule(value: Any, where: str) -> dict:
 def _normalize_lora(value: dict, where: str) -> dict:
     for key in value:
         if key not in LORA_KEYS:
-            raise UserError(f"{where}: unknown key 'lora_parameters.{key}', {_closest(key, LORA_KEYS)}")
+            raise UserError(
+                f"{where}: unknown key 'lora_parameters.{key}', {_closest(key, LORA_KEYS)}"
+            )
     rank = value.get("rank", 8)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise UserError(f"{where}: lora_parameters.rank must be a whole number > 0, got {rank!r}")
     if value.get("alpha") is not None and value.get("scale") is not None:
-        raise UserError(f"{where}: set lora_parameters.alpha or lora_parameters.scale, not both (scale = alpha / rank)")
+        raise UserError(
+            f"{where}: set lora_parameters.alpha or lora_parameters.scale, not both (scale = alpha "
+            f"/ rank)"
+        )
     if value.get("scale") is not None:
         scale = value["scale"]
     else:
@@ -321,14 +351,25 @@ def _normalize_lora(value: dict, where: str) -> dict:
         raise UserError(f"{where}: lora_parameters.alpha/scale must be a number")
     dropout = value.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise UserError(f"{where}: lora_parameters.dropout must be a number in [0, 1), got {dropout!r}")
+        raise UserError(
+            f"{where}: lora_parameters.dropout must be a number in [0, 1), got {dropout!r}"
+        )
     keys = value.get("keys")
     if keys is not None:
         if isinstance(keys, str):
             keys = [keys]
         if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
-            raise UserError(f"{where}: lora_parameters.keys must be a list of module names, e.g. [q_proj, v_proj]")
-    return {"rank": rank, "scale": float(scale), "alpha": float(scale) * rank, "dropout": float(dropout), "keys": keys}
+            raise UserError(
+                f"{where}: lora_parameters.keys must be a list of module names, e.g. [q_proj, "
+                f"v_proj]"
+            )
+    return {
+        "rank": rank,
+        "scale": float(scale),
+        "alpha": float(scale) * rank,
+        "dropout": float(dropout),
+        "keys": keys,
+    }
 
 
 def _number(value, where: str, key: str, low: float, high: float = float("inf")) -> float:
@@ -378,14 +419,17 @@ def _normalize_optimizer(value: dict, where: str) -> dict:
     return out
 
 
-def _expand(path: Optional[str]) -> Optional[str]:
+def _expand(path: str | None) -> str | None:
     if path is None or "{{" in path or "{%" in path:  # an inline jinja template, not a path
         return None if path is None else path
     return os.path.expanduser(os.path.expandvars(path))
 
 
-def build_config(config_file: Optional[str] = None, overrides: Optional[dict] = None,
-                 lora_overrides: Optional[dict] = None) -> Config:
+def build_config(
+    config_file: str | None = None,
+    overrides: dict | None = None,
+    lora_overrides: dict | None = None,
+) -> Config:
     """YAML values, then CLI overrides (a flag beats its key), then validation.
     `lora_overrides` (--rank/--alpha/--dropout/--lora-keys) merge into `lora_parameters`."""
     raw: dict = {}
@@ -428,42 +472,108 @@ def _validate(cfg: Config, where_of) -> None:
         if not ok:
             raise UserError(f"{where_of(key)}: {message}")
 
-    need(cfg.backend in BACKENDS, "backend", f"backend must be one of {', '.join(BACKENDS)}, got '{cfg.backend}'")
-    need(cfg.fine_tune_type in FINE_TUNE_TYPES, "fine_tune_type",
-         f"fine_tune_type must be one of {', '.join(FINE_TUNE_TYPES)}, got '{cfg.fine_tune_type}'")
-    need(cfg.optimizer in OPTIMIZERS, "optimizer", f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{cfg.optimizer}'")
-    need(cfg.dtype in DTYPES, "dtype", f"dtype must be one of {', '.join(DTYPES)}, got '{cfg.dtype}'")
-    need(cfg.max_seq_length >= 2, "max_seq_length", f"max_seq_length must be at least 2, got {cfg.max_seq_length}")
+    need(
+        cfg.backend in BACKENDS,
+        "backend",
+        f"backend must be one of {', '.join(BACKENDS)}, got '{cfg.backend}'",
+    )
+    need(
+        cfg.fine_tune_type in FINE_TUNE_TYPES,
+        "fine_tune_type",
+        f"fine_tune_type must be one of {', '.join(FINE_TUNE_TYPES)}, got '{cfg.fine_tune_type}'",
+    )
+    need(
+        cfg.optimizer in OPTIMIZERS,
+        "optimizer",
+        f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{cfg.optimizer}'",
+    )
+    need(
+        cfg.dtype in DTYPES, "dtype", f"dtype must be one of {', '.join(DTYPES)}, got '{cfg.dtype}'"
+    )
+    need(
+        cfg.max_seq_length >= 2,
+        "max_seq_length",
+        f"max_seq_length must be at least 2, got {cfg.max_seq_length}",
+    )
     need(cfg.batch_size >= 1, "batch_size", f"batch_size must be at least 1, got {cfg.batch_size}")
-    need(cfg.grad_accumulation_steps >= 1, "grad_accumulation_steps", "grad_accumulation_steps must be at least 1")
-    need(cfg.learning_rate > 0, "learning_rate", f"learning_rate must be > 0, got {cfg.learning_rate}")
+    need(
+        cfg.grad_accumulation_steps >= 1,
+        "grad_accumulation_steps",
+        "grad_accumulation_steps must be at least 1",
+    )
+    need(
+        cfg.learning_rate > 0,
+        "learning_rate",
+        f"learning_rate must be > 0, got {cfg.learning_rate}",
+    )
     need(cfg.weight_decay >= 0, "weight_decay", "weight_decay must be >= 0")
     need(cfg.iters is None or cfg.iters >= 1, "iters", "iters must be at least 1")
     need(cfg.epochs is None or cfg.epochs >= 1, "epochs", "epochs must be at least 1")
-    need(cfg.num_layers == -1 or cfg.num_layers >= 1, "num_layers", "num_layers must be -1 (all) or at least 1")
+    need(
+        cfg.num_layers == -1 or cfg.num_layers >= 1,
+        "num_layers",
+        "num_layers must be -1 (all) or at least 1",
+    )
     need(0 < cfg.valid_split < 1, "valid_split", "valid_split must be between 0 and 1")
     need(cfg.steps_per_report >= 1, "steps_per_report", "steps_per_report must be at least 1")
     need(cfg.steps_per_eval >= 1, "steps_per_eval", "steps_per_eval must be at least 1")
     need(cfg.save_every >= 1, "save_every", "save_every must be at least 1")
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "keep_checkpoints must be at least 1")
-    need(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", "grad_clip must be > 0 (or unset)")
-    need(cfg.quantize in (None, 4, 8), "quantize", f"quantize must be 4 or 8 bits, got {cfg.quantize}")
-    need(cfg.use_chat_template in ("auto", "true", "false"), "use_chat_template", "use_chat_template must be auto, true or false")
-    need(cfg.val_batches == -1 or cfg.val_batches >= 1, "val_batches", "val_batches must be -1 (all) or at least 1")
-    need(cfg.test_batches == -1 or cfg.test_batches >= 1, "test_batches", "test_batches must be -1 (all) or at least 1")
+    need(
+        cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", "grad_clip must be > 0 (or unset)"
+    )
+    need(
+        cfg.quantize in (None, 4, 8),
+        "quantize",
+        f"quantize must be 4 or 8 bits, got {cfg.quantize}",
+    )
+    need(
+        cfg.use_chat_template in ("auto", "true", "false"),
+        "use_chat_template",
+        "use_chat_template must be auto, true or false",
+    )
+    need(
+        cfg.val_batches == -1 or cfg.val_batches >= 1,
+        "val_batches",
+        "val_batches must be -1 (all) or at least 1",
+    )
+    need(
+        cfg.test_batches == -1 or cfg.test_batches >= 1,
+        "test_batches",
+        "test_batches must be -1 (all) or at least 1",
+    )
     # what a backend cannot do, decided here so a run fails before it touches any file
-    need(cfg.backend == "mlx" or cfg.quantize is None, "quantize",
-         "quantize (QLoRA) is only supported by the MLX backend; drop --quantize or use --backend mlx")
+    need(
+        cfg.backend == "mlx" or cfg.quantize is None,
+        "quantize",
+        "quantize (QLoRA) is only supported by the MLX backend; drop --quantize or use --backend "
+        "mlx",
+    )
     # mx.checkpoint re-draws dropout masks when it recomputes a block, so the gradients would
     # belong to other masks than the loss
-    need(not (cfg.backend == "mlx" and cfg.grad_checkpoint and cfg.fine_tune_type != "full"
-              and cfg.lora_dropout > 0), "grad_checkpoint",
-         "grad_checkpoint with lora_parameters.dropout > 0 gives wrong gradients on the MLX backend "
-         "(the recomputation draws new dropout masks); set dropout: 0.0, turn grad_checkpoint off, "
-         "or use --backend torch")
+    need(
+        not (
+            cfg.backend == "mlx"
+            and cfg.grad_checkpoint
+            and cfg.fine_tune_type != "full"
+            and cfg.lora_dropout > 0
+        ),
+        "grad_checkpoint",
+        "grad_checkpoint with lora_parameters.dropout > 0 gives wrong gradients on the MLX backend "
+        "(the recomputation draws new dropout masks); set dropout: 0.0, turn grad_checkpoint off, "
+        "or use --backend torch",
+    )
     if cfg.train or cfg.test:
-        need(cfg.model is not None, "model", "no model: pass --model PATH_OR_HUB_ID or set 'model' in the config")
-        need(cfg.data is not None, "data", "no data: pass --data DIR_OR_FILE or set 'data' in the config")
+        need(
+            cfg.model is not None,
+            "model",
+            "no model: pass --model PATH_OR_HUB_ID or set 'model' in the config",
+        )
+        need(
+            cfg.data is not None,
+            "data",
+            "no data: pass --data DIR_OR_FILE or set 'data' in the config",
+        )
 
 
 def total_iters(cfg: Config, batches_per_epoch: int) -> int:
@@ -481,5 +591,7 @@ def save_config(cfg: Config, path: Path) -> None:
 
     data = cfg.to_dict()
     # alpha is derived (scale * rank); writing both would make the file refuse to load
-    data["lora_parameters"] = {k: v for k, v in (data.get("lora_parameters") or {}).items() if k != "alpha"}
+    data["lora_parameters"] = {
+        k: v for k, v in (data.get("lora_parameters") or {}).items() if k != "alpha"
+    }
     write_text(path, yaml.safe_dump(data, sort_keys=False))

@@ -92,7 +92,9 @@ def check_destination(path: Path, what: str = "output directory", empty: bool = 
     if not os.access(root, os.W_OK | os.X_OK):
         raise UserError(f"{what}: {root} is not writable; choose another path")
     if empty and path.is_dir() and any(path.iterdir()):
-        raise UserError(f"{what}: {path} already exists and is not empty; remove it or choose another path")
+        raise UserError(
+            f"{what}: {path} already exists and is not empty; remove it or choose another path"
+        )
 
 
 @contextlib.contextmanager

@@ -18,7 +18,6 @@ so a test or a benchmark can set a switch for one run.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 _OFF = ("0", "false", "no", "off")
 _ON = ("1", "true", "yes", "on")
@@ -43,7 +42,7 @@ def cpu_kernels() -> bool:
     return _value("MLXFT_CPU_KERNELS") not in _OFF
 
 
-def compile_steps() -> Optional[bool]:
+def compile_steps() -> bool | None:
     """MLXFT_COMPILE: True/False when set, None to let the device decide."""
     value = _value("MLXFT_COMPILE")
     return None if not value else value not in _OFF
@@ -54,7 +53,7 @@ def head_rows() -> bool:
     return _value("MLXFT_HEAD_ROWS") not in _OFF
 
 
-def cpu_matmul() -> Optional[str]:
+def cpu_matmul() -> str | None:
     """MLXFT_CPU_MATMUL: 'mkl' or 'onednn' when forced, None to measure and pick."""
     value = _value("MLXFT_CPU_MATMUL")
     return value if value in ("mkl", "onednn") else None

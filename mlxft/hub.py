@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 from mlxft import flags
 from mlxft.errors import UserError
@@ -18,8 +17,9 @@ from mlxft.model_dir import check_model_dir, read_model_config
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
-def resolve_model(name: str, revision: Optional[str] = None, allow_pickle: bool = False) -> Path:
-    """A local directory holding config.json + safetensors weights (downloading a hub id if needed)."""
+def resolve_model(name: str, revision: str | None = None, allow_pickle: bool = False) -> Path:
+    """A local directory holding config.json + safetensors weights (downloading a hub id if
+    needed)."""
     path = Path(os.path.expanduser(name))
     if not _is_hub_id(name):
         if not path.is_dir():
@@ -38,7 +38,7 @@ def _is_hub_id(name: str) -> bool:
     )
 
 
-def model_config(name: str, revision: Optional[str] = None) -> dict:
+def model_config(name: str, revision: str | None = None) -> dict:
     """config.json of a local model directory or a hub id, fetching that one file and never
     the weights (adapter import/export only need the number of blocks)."""
     if not _is_hub_id(name):
@@ -57,7 +57,7 @@ def model_config(name: str, revision: Optional[str] = None) -> dict:
     return read_model_config(Path(file).parent)
 
 
-def _download(repo_id: str, revision: Optional[str]) -> Path:
+def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     offline = flags.hub_offline()
@@ -91,7 +91,7 @@ def load_tokenizer(model_path: Path, cfg=None):
         raise UserError(f"{model_path}: cannot load the tokenizer ({reason})") from None
 
 
-def upload(path: Path, repo_id: Optional[str]) -> Optional[str]:
+def upload(path: Path, repo_id: str | None) -> str | None:
     """Create the repo if needed and push the directory; returns its URL (None: no repo given)."""
     if not repo_id:
         return None

@@ -14,7 +14,6 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 
@@ -89,9 +88,7 @@ def read_model_config(path: Path) -> dict:
 def hf_config(config: dict) -> dict:
     """A config for transformers: without MLX quantization keys and without the top-level rope
     keys `read_model_config` copied out of transformers-5 `rope_parameters`."""
-    config = {
-        k: v for k, v in config.items() if k not in ("quantization", "quantization_config")
-    }
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     rope = config.get("rope_parameters")
     if isinstance(rope, dict):
         if "rope_theta" in rope and config.get("rope_theta") == rope["rope_theta"]:
@@ -128,17 +125,17 @@ class BF16:
         return cls(np.where(np.isnan(x), quiet_nan, rounded).astype(np.uint16))
 
 
-Tensor = Union[np.ndarray, BF16]
+Tensor = np.ndarray | BF16
 
 
-def float_dtype(value: Tensor) -> Optional[str]:
+def float_dtype(value: Tensor) -> str | None:
     """'float32' | 'float16' | 'bfloat16' for a floating tensor, None otherwise."""
     if isinstance(value, BF16):
         return "bfloat16"
     return value.dtype.name if np.issubdtype(value.dtype, np.floating) else None
 
 
-def cast(value: Tensor, dtype: Optional[str]) -> Tensor:
+def cast(value: Tensor, dtype: str | None) -> Tensor:
     """`value` in `dtype` when it is floating (integers, e.g. packed weights, pass through)."""
     have = float_dtype(value)
     if dtype is None or have is None or have == dtype:
@@ -147,7 +144,7 @@ def cast(value: Tensor, dtype: Optional[str]) -> Tensor:
     return BF16.from_float32(wide) if dtype == "bfloat16" else wide.astype(dtype)
 
 
-def check_dtype(dtype: Optional[str]) -> None:
+def check_dtype(dtype: str | None) -> None:
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: not supported; use one of {', '.join(DTYPES)}")
 
@@ -203,7 +200,7 @@ def write_safetensors(
     (Path(out_dir) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_aux_files(src_dir: Optional[Path], out_dir: Path) -> list[str]:
+def copy_aux_files(src_dir: Path | None, out_dir: Path) -> list[str]:
     """Copy tokenizer files and generation_config.json from `src_dir`; returns the names copied."""
     if src_dir is None:
         return []
@@ -220,9 +217,9 @@ def copy_aux_files(src_dir: Optional[Path], out_dir: Path) -> list[str]:
 def save_hf_dir(
     weights: Mapping[str, Tensor],
     config: dict,
-    src_dir: Optional[Path],
+    src_dir: Path | None,
     out_dir: Path,
-    dtype: Optional[str] = None,
+    dtype: str | None = None,
     verify: bool = True,
     max_shard_bytes: int = SHARD_BYTES,
 ) -> Path:
@@ -238,7 +235,8 @@ def save_hf_dir(
     packed = sorted(k for k in weights if k.endswith(".scales"))
     if packed:
         raise UserError(
-            f"{packed[0]}: quantized weights cannot be written as a HF model; de-quantize them first"
+            f"{packed[0]}: quantized weights cannot be written as a HF model; de-quantize them "
+            f"first"
         )
     arrays = {k: cast(v, dtype) for k, v in weights.items()}
     drop = ("quantization", "quantization_config", "_name_or_path")

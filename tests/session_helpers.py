@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from mlxft.config import build_config
 from mlxft.training.session import Session
@@ -15,9 +14,20 @@ def make_config(model: Path, data: Path, out: Path, **overrides):
     """A small fast config: 2-sequence batches of <= 64 tokens, one validation batch, rank 4."""
     lora = {"rank": overrides.pop("rank", 4), "dropout": overrides.pop("dropout", 0.0)}
     values = dict(
-        model=str(model), data=str(data), adapter_path=str(out), train=True, iters=6, batch_size=2,
-        max_seq_length=64, learning_rate=1e-2, num_layers=-1, steps_per_eval=1000, steps_per_report=1,
-        val_batches=1, save_every=1000, seed=0,
+        model=str(model),
+        data=str(data),
+        adapter_path=str(out),
+        train=True,
+        iters=6,
+        batch_size=2,
+        max_seq_length=64,
+        learning_rate=1e-2,
+        num_layers=-1,
+        steps_per_eval=1000,
+        steps_per_report=1,
+        val_batches=1,
+        save_every=1000,
+        seed=0,
     )
     values.update(overrides)
     return build_config(overrides=values, lora_overrides=lora)

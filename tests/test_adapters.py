@@ -24,10 +24,14 @@ def cfg(**kw):
 
 
 def test_last_num_layers_and_keys():
-    plan = plan_adapters(LINEARS, 4, cfg(num_layers=2, lora={"keys": ["q_proj", "self_attn.v_proj"]}))
+    plan = plan_adapters(
+        LINEARS, 4, cfg(num_layers=2, lora={"keys": ["q_proj", "self_attn.v_proj"]})
+    )
     assert [t.path for t in plan.targets] == [
-        "model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.v_proj",
-        "model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.v_proj",
+        "model.layers.2.self_attn.q_proj",
+        "model.layers.2.self_attn.v_proj",
+        "model.layers.3.self_attn.q_proj",
+        "model.layers.3.self_attn.v_proj",
     ]
     assert plan.layers == [2, 3] and plan.module_names == ["q_proj", "v_proj"]
     assert len(plan_adapters(LINEARS, 4, cfg(num_layers=-1)).targets) == 16
@@ -49,7 +53,13 @@ def test_init_is_seeded_per_module_and_peft_like():
 
 
 def test_schedules():
-    sched = {"name": "cosine", "warmup": 10, "warmup_ratio": 0.0, "min_lr_ratio": 0.0, "warmup_init": 0.0}
+    sched = {
+        "name": "cosine",
+        "warmup": 10,
+        "warmup_ratio": 0.0,
+        "min_lr_ratio": 0.0,
+        "warmup_init": 0.0,
+    }
     lrs = [learning_rate(s, 1.0, sched, 110) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.0, abs=1e-9)
@@ -68,13 +78,23 @@ def test_peft_layout_round_trip(tmp_path):
         weights[peft_key(path, "lora_B")] = b + 1
     save_adapter(tmp_path, weights, adapter_config(plan, "base"))
     config, loaded = load_adapter(tmp_path)
-    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["layers_to_transform"] == [2, 3]
-    assert config["peft_type"] == "LORA" and config["target_modules"] == ["down_proj", "k_proj", "q_proj", "v_proj"]
+    assert (
+        config["r"] == 4 and config["lora_alpha"] == 8 and config["layers_to_transform"] == [2, 3]
+    )
+    assert config["peft_type"] == "LORA" and config["target_modules"] == [
+        "down_proj",
+        "k_proj",
+        "q_proj",
+        "v_proj",
+    ]
     key = "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"
     assert key in loaded and loaded[key].shape == (4, 64)
     assert split_key(key) == ("model.layers.3.self_attn.q_proj", "lora_A")
     assert all(np.array_equal(loaded[k], v) for k, v in weights.items())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     json.loads((tmp_path / "adapter_config.json").read_text())
 
 

@@ -14,8 +14,16 @@ from mlxft.cli import main
 
 
 def _config(tmp_path, stories, wikisql_small, **extra):
-    cfg = {"model": str(stories), "data": str(wikisql_small), "batch_size": 2, "max_seq_length": 96,
-           "num_layers": -1, "learning_rate": 1e-3, "lora_parameters": {"rank": 4}, **extra}
+    cfg = {
+        "model": str(stories),
+        "data": str(wikisql_small),
+        "batch_size": 2,
+        "max_seq_length": 96,
+        "num_layers": -1,
+        "learning_rate": 1e-3,
+        "lora_parameters": {"rank": 4},
+        **extra,
+    }
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -24,9 +32,22 @@ def _config(tmp_path, stories, wikisql_small, **extra):
 def test_bench_reports_every_backend(tmp_path, stories, wikisql_small):
     backends = ["mlx"] + (["torch"] if available("torch") is None else [])
     out = tmp_path / "report.json"
-    result = CliRunner().invoke(main, ["bench", "-c", str(_config(tmp_path, stories, wikisql_small)),
-                                       "--backends", ",".join(backends), "--steps", "4", "--warmup", "1",
-                                       "--json", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "-c",
+            str(_config(tmp_path, stories, wikisql_small)),
+            "--backends",
+            ",".join(backends),
+            "--steps",
+            "4",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "tok/s" in result.output and "mlx" in result.output
     report = json.loads(out.read_text())
@@ -42,7 +63,9 @@ def test_bench_reports_every_backend(tmp_path, stories, wikisql_small):
         assert len(r["losses"]) == 4 and all(math.isfinite(x) for x in r["losses"])
         assert r["trained_tokens"] == sum(r["step_tokens"]) > 0
         # tokens/s is trained tokens after warm-up over their step time
-        assert r["tokens_per_second"] == pytest.approx(sum(r["step_tokens"][1:]) / sum(r["step_seconds"][1:]))
+        assert r["tokens_per_second"] == pytest.approx(
+            sum(r["step_tokens"][1:]) / sum(r["step_seconds"][1:])
+        )
     assert report["backends"]["mlx"]["blas"]  # the BLAS behind MLX's CPU matmuls is recorded
     assert f"mlx BLAS: {report['backends']['mlx']['blas']}" in result.output
     if len(backends) == 2:
@@ -58,9 +81,13 @@ def test_bench_bad_arguments_are_one_line_errors(tmp_path, stories, wikisql_smal
     runner = CliRunner()
     bad = runner.invoke(main, ["bench", "-c", cfg, "--backends", "mlx,jax"])
     assert bad.exit_code == 2 and "unknown backend 'jax'" in bad.output
-    short = runner.invoke(main, ["bench", "-c", cfg, "--backends", "mlx", "--steps", "2", "--warmup", "2"])
+    short = runner.invoke(
+        main, ["bench", "-c", cfg, "--backends", "mlx", "--steps", "2", "--warmup", "2"]
+    )
     assert short.exit_code == 2 and "--steps (2) must be larger than --warmup (2)" in short.output
-    missing = runner.invoke(main, ["bench", "-c", cfg, "--backends", "mlx", "--model", str(tmp_path / "nope")])
+    missing = runner.invoke(
+        main, ["bench", "-c", cfg, "--backends", "mlx", "--model", str(tmp_path / "nope")]
+    )
     assert missing.exit_code == 2 and "model directory not found" in missing.output
 
 
@@ -68,15 +95,28 @@ def test_unavailable_torch_is_a_clean_error(tmp_path, stories, wikisql_small, mo
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
-    result = CliRunner().invoke(main, ["bench", "-c", str(_config(tmp_path, stories, wikisql_small)), "--backends", "torch"])
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    result = CliRunner().invoke(
+        main, ["bench", "-c", str(_config(tmp_path, stories, wikisql_small)), "--backends", "torch"]
+    )
     assert result.exit_code == 2
     assert "backend 'torch' is unavailable: PyTorch is not installed" in result.output
 
 
 def _raw(losses, seconds, tokens):
-    return {"backend": "mlx", "device": "cpu", "dtype": "float32", "peak_memory_gb": 0.1, "peak_rss_gb": 0.5,
-            "loss": losses, "seconds": seconds, "tokens": tokens, "positions": [t + 2 for t in tokens]}
+    return {
+        "backend": "mlx",
+        "device": "cpu",
+        "dtype": "float32",
+        "peak_memory_gb": 0.1,
+        "peak_rss_gb": 0.5,
+        "loss": losses,
+        "seconds": seconds,
+        "tokens": tokens,
+        "positions": [t + 2 for t in tokens],
+    }
 
 
 def test_summary_leaves_warmup_out_and_diffs_losses(tmp_path):

@@ -22,16 +22,26 @@ import peft_run  # noqa: E402
 def test_peft_anchor_batches_are_ours(stories, wikisql_small, tmp_path):
     cfg = make_config(stories, wikisql_small, tmp_path / "out", batch_size=3, max_seq_length=512)
     tokenizer = load_tokenizer(stories, cfg)
-    ours = epoch_batches(load_splits(cfg, tokenizer)["train"], 3, seed=0, epoch=0, pad_id=pad_token_id(tokenizer))
+    ours = epoch_batches(
+        load_splits(cfg, tokenizer)["train"], 3, seed=0, epoch=0, pad_id=pad_token_id(tokenizer)
+    )
     rows, masked = peft_run.load_rows(wikisql_small, tokenizer, 512)
-    theirs = peft_run.batch_order(rows, 3, seed=0, steps=len(ours) + 5)  # runs on into a second epoch
-    assert min(len(b.lengths) for b in ours) == 1  # 64 rows in 3s: the short chunk is a step of its own
+    theirs = peft_run.batch_order(
+        rows, 3, seed=0, steps=len(ours) + 5
+    )  # runs on into a second epoch
+    assert (
+        min(len(b.lengths) for b in ours) == 1
+    )  # 64 rows in 3s: the short chunk is a step of its own
     for batch, chunk in zip(ours, theirs):
         collated = peft_run.collate([rows[i] for i in chunk], 0, [masked[i] for i in chunk])
         assert sorted(batch.lengths.tolist()) == sorted(len(rows[i]) for i in chunk)
         assert peft_run.trained_tokens(collated) == batch.ntokens
-    second = epoch_batches(load_splits(cfg, tokenizer)["train"], 3, seed=0, epoch=1, pad_id=pad_token_id(tokenizer))
-    assert [sorted(b.lengths.tolist()) for b in second[:5]] == [sorted(len(rows[i]) for i in c) for c in theirs[len(ours):]]
+    second = epoch_batches(
+        load_splits(cfg, tokenizer)["train"], 3, seed=0, epoch=1, pad_id=pad_token_id(tokenizer)
+    )
+    assert [sorted(b.lengths.tolist()) for b in second[:5]] == [
+        sorted(len(rows[i]) for i in c) for c in theirs[len(ours) :]
+    ]
 
 
 def test_mlx_lm_anchor_batches_are_ours(stories, wikisql_small, tmp_path):
@@ -41,10 +51,26 @@ def test_mlx_lm_anchor_batches_are_ours(stories, wikisql_small, tmp_path):
 
     cfg = make_config(stories, wikisql_small, tmp_path / "out", batch_size=3, max_seq_length=512)
     tokenizer = load_tokenizer(stories, cfg)
-    ours = epoch_batches(load_splits(cfg, tokenizer)["train"], 3, seed=0, epoch=0, pad_id=pad_token_id(tokenizer))
+    ours = epoch_batches(
+        load_splits(cfg, tokenizer)["train"], 3, seed=0, epoch=0, pad_id=pad_token_id(tokenizer)
+    )
     rows, _ = peft_run.load_rows(wikisql_small, tokenizer, 512)
-    iterate = mlx_lm_run.our_batches(["--model", str(stories), "--data", str(wikisql_small), "--batch-size", "3",
-                                      "--max-seq-length", "512", "--seed", "0", "--iters", str(len(ours))])
+    iterate = mlx_lm_run.our_batches(
+        [
+            "--model",
+            str(stories),
+            "--data",
+            str(wikisql_small),
+            "--batch-size",
+            "3",
+            "--max-seq-length",
+            "512",
+            "--seed",
+            "0",
+            "--iters",
+            str(len(ours)),
+        ]
+    )
     train = [(row, 0) for row in rows]  # what mlx_lm's CacheDataset hands out: (tokens, offset)
     seen = list(iterate(train, 3, 512, loop=True))
     assert len(seen) == len(ours)

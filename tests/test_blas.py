@@ -11,7 +11,9 @@ CHECK = "import mlxft, mlxft.cpu.blas as b; print(b.status())"
 
 def run(env_extra, code=CHECK):
     env = {**os.environ, **env_extra}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux-only route")
@@ -37,21 +39,29 @@ def test_opt_out_and_too_late_are_reported():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux-only route")
 def test_openblas_gives_same_matmul():
-    code = ("import mlxft, mlx.core as mx, numpy as np; mx.random.seed(0); a = mx.random.normal((64, 48)); "
-            "b = mx.random.normal((48, 32)); print(float(np.abs(np.array(a @ b) - np.array(a) @ np.array(b)).max()))")
+    code = (
+        "import mlxft, mlx.core as mx, numpy as np; mx.random.seed(0); a = mx.random.normal((64, "
+        "48)); "
+        "b = mx.random.normal((48, 32)); print(float(np.abs(np.array(a @ b) - np.array(a) @ "
+        "np.array(b)).max()))"
+    )
     assert float(run({}, code).stdout) < 1e-4
 
 
 def test_info_command_names_blas():
-    out = subprocess.run([sys.executable, "-m", "mlxft", "info"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "mlxft", "info"], capture_output=True, text=True, timeout=120
+    )
     assert "BLAS:" in out.stdout, out.stdout + out.stderr
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux-only route")
 def test_openblas_waits_for_mlx_and_stays_out_of_torch_processes():
     # libtorch exports sgemm_ & co.: a process-wide OpenBLAS would take over torch's matmuls
-    code = ("import mlxft, mlxft.cpu.blas as b, torch, ctypes; print(b._STATE['name']); "
-            "import mlx.core; print(b._STATE['name'])")
+    code = (
+        "import mlxft, mlxft.cpu.blas as b, torch, ctypes; print(b._STATE['name']); "
+        "import mlx.core; print(b._STATE['name'])"
+    )
     out = run({}, code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "OpenBLAS"], out.stdout

@@ -1,9 +1,12 @@
-"""`mlxft convert`: HF <-> MLX round trips per family, quantization, atomic output, one-line errors."""
+"""`mlxft convert`: HF <-> MLX round trips per family, quantization, atomic output, one-line
+errors."""
 
 import json
 import os
 from pathlib import Path
 
+import mlx.core as mx  # noqa: E402  (after mlxft, which loads OpenBLAS)
+import mlx.nn as nn  # noqa: E402
 import numpy as np
 import pytest
 import torch
@@ -11,13 +14,10 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file
 
 import mlxft.convert as convert
-from mlxft.model_dir import save_hf_dir
 from mlxft.cli import main
 from mlxft.errors import UserError
+from mlxft.model_dir import save_hf_dir
 from tests.tiny_models import FAMILIES
-
-import mlx.core as mx  # noqa: E402  (after mlxft, which loads OpenBLAS)
-import mlx.nn as nn  # noqa: E402
 
 IDS = [[1, 17, 42, 99, 250, 7, 63, 128, 5, 300]]
 
@@ -68,7 +68,12 @@ def test_round_trip_is_lossless(round_trips, family):
     for k in a:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
     np.testing.assert_allclose(hf_logits(back), hf_logits(hf), atol=1e-5, rtol=0)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ):
         assert (back / name).read_bytes() == (hf / name).read_bytes(), name
     config = json.loads((back / "config.json").read_text())
     assert "quantization" not in config and config["dtype"] == "float32"
@@ -83,7 +88,17 @@ def test_mlx_logits_match_transformers(round_trips, family):
 
 def test_quantized_q4(tiny_llama, tmp_path):
     result = CliRunner().invoke(
-        main, ["convert", "--hf-path", str(tiny_llama), "--mlx-path", str(tmp_path / "q4"), "-q", "--q-bits", "4"]
+        main,
+        [
+            "convert",
+            "--hf-path",
+            str(tiny_llama),
+            "--mlx-path",
+            str(tmp_path / "q4"),
+            "-q",
+            "--q-bits",
+            "4",
+        ],
     )
     assert result.exit_code == 0, result.output
     model, config, logits = mlx_logits(tmp_path / "q4")
@@ -124,7 +139,9 @@ def test_dtype_option(stories, tmp_path):
 def test_cli_to_hf(tiny_models, round_trips, tmp_path):
     _, mlx_dir, _ = round_trips["qwen2"]
     out = tmp_path / "qwen2-hf"
-    result = CliRunner().invoke(main, ["convert", "--to-hf", "--mlx-path", str(mlx_dir), "--hf-path", str(out)])
+    result = CliRunner().invoke(
+        main, ["convert", "--to-hf", "--mlx-path", str(mlx_dir), "--hf-path", str(out)]
+    )
     assert result.exit_code == 0, result.output
     np.testing.assert_allclose(hf_logits(out), hf_logits(tiny_models["qwen2"]), atol=1e-5, rtol=0)
 
@@ -144,7 +161,9 @@ def test_save_hf_dir_shards_and_copies(tiny_llama, tmp_path):
 
 def test_save_hf_dir_refuses_unknown_names_atomically(tiny_llama, tmp_path):
     weights = hf_weights(tiny_llama)
-    weights["model.layers.0.mlp.gate_up_proj.weight"] = weights.pop("model.layers.0.mlp.gate_proj.weight")
+    weights["model.layers.0.mlp.gate_up_proj.weight"] = weights.pop(
+        "model.layers.0.mlp.gate_proj.weight"
+    )
     config = json.loads((tiny_llama / "config.json").read_text())
     with pytest.raises(UserError, match="gate_up_proj"):
         save_hf_dir(weights, config, tiny_llama, tmp_path / "out")
@@ -181,7 +200,10 @@ def test_pickle_only_refused_unless_allowed(tiny_llama, tmp_path):
     src.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (src / name).write_bytes((tiny_llama / name).read_bytes())
-    torch.save({k: torch.from_numpy(v) for k, v in hf_weights(tiny_llama).items()}, src / "pytorch_model.bin")
+    torch.save(
+        {k: torch.from_numpy(v) for k, v in hf_weights(tiny_llama).items()},
+        src / "pytorch_model.bin",
+    )
     with pytest.raises(UserError, match="pickle"):
         convert.to_mlx(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -199,7 +221,9 @@ def test_pickle_only_refused_unless_allowed(tiny_llama, tmp_path):
 )
 def test_cli_bad_options(tiny_llama, tmp_path, args, message):
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["convert", "--hf-path", str(tiny_llama), "--mlx-path", str(out), *args])
+    result = CliRunner().invoke(
+        main, ["convert", "--hf-path", str(tiny_llama), "--mlx-path", str(out), *args]
+    )
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -217,19 +241,26 @@ def test_cli_input_errors(tmp_path, monkeypatch):
         (["--hf-path", str(tmp_path / "missing")], "model directory not found"),
         (["--hf-path", str(pickled)], "only pickle weights"),
         (["--hf-path", "nobody-xyz/not-cached-anywhere"], "HF_HUB_OFFLINE=1"),
-        (["--to-hf", "--mlx-path", str(tmp_path / "missing"), "--hf-path", str(tmp_path / "o")], "not found"),
+        (
+            ["--to-hf", "--mlx-path", str(tmp_path / "missing"), "--hf-path", str(tmp_path / "o")],
+            "not found",
+        ),
         (["--to-hf", "--mlx-path", str(pickled)], "--to-hf needs"),
     ]
     for args, message in cases:
         result = runner.invoke(main, ["convert", "--mlx-path", str(tmp_path / "out"), *args])
         assert result.exit_code == 2, (args, result.output)
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], (args, lines)
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], (
+            args,
+            lines,
+        )
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
 def test_config_without_tie_flag_keeps_lm_head(tiny_llama, tmp_path):
-    """transformers' llama defaults to untied, mlx-lm's to tied: an omitted flag must not drop lm_head."""
+    """transformers' llama defaults to untied, mlx-lm's to tied: an omitted flag must not drop
+    lm_head."""
     import shutil
 
     src = tmp_path / "src"

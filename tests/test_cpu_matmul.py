@@ -9,13 +9,15 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mlxft.data import epoch_batches  # noqa: E402
-from mlxft.training.session import Session  # noqa: E402
-from tests.session_helpers import make_config  # noqa: E402
 from mlxft.torch_backend import cpu_matmul  # noqa: E402
 from mlxft.torch_backend.cpu_matmul import OneDNNLinear, choose  # noqa: E402
 from mlxft.torch_backend.lora import LoRALinear  # noqa: E402
+from mlxft.training.session import Session  # noqa: E402
+from tests.session_helpers import make_config  # noqa: E402
 
-needs_onednn = pytest.mark.skipif(cpu_matmul._pointwise() is None, reason="torch built without oneDNN")
+needs_onednn = pytest.mark.skipif(
+    cpu_matmul._pointwise() is None, reason="torch built without oneDNN"
+)
 
 
 @needs_onednn
@@ -44,9 +46,15 @@ def test_frozen_linear_matches_torch_forward_and_input_gradient(bias):
 def test_any_input_layout_gives_torchs_numbers():
     """oneDNN has no kernel for some layouts (a transposed 2-D input): copied or handed back."""
     weight = torch.randn(5, 8)
-    for x in (torch.randn(8, 4).t(), torch.randn(4, 6, 8).transpose(0, 1), torch.randn(6, 16)[:, ::2]):
+    for x in (
+        torch.randn(8, 4).t(),
+        torch.randn(4, 6, 8).transpose(0, 1),
+        torch.randn(6, 16)[:, ::2],
+    ):
         assert not x.is_contiguous() and x.shape[-1] == 8
-        torch.testing.assert_close(cpu_matmul._linear(x, weight), torch.nn.functional.linear(x, weight))
+        torch.testing.assert_close(
+            cpu_matmul._linear(x, weight), torch.nn.functional.linear(x, weight)
+        )
 
 
 def test_forcing_a_side_is_obeyed(monkeypatch):
@@ -65,24 +73,29 @@ def test_training_on_onednn_gives_the_same_run(tiny_llama, wikisql_small, tmp_pa
     results = {}
     for side in ("mkl", "onednn"):
         monkeypatch.setenv("MLXFT_CPU_MATMUL", side)
-        s = Session(make_config(tiny_llama, wikisql_small, tmp_path / side, backend="torch", device="cpu"), reporter_quiet=True)
+        s = Session(
+            make_config(tiny_llama, wikisql_small, tmp_path / side, backend="torch", device="cpu"),
+            reporter_quiet=True,
+        )
         s.backend.setup_training(s.cfg)
         model = s.backend.model
         moved = [m for m in model.modules() if type(m) is OneDNNLinear]
         lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
         if side == "onednn":
-            assert any("CPU matmuls: oneDNN (MLXFT_CPU_MATMUL=onednn)" == n for n in s.backend.training_notes)
+            assert any(
+                n == "CPU matmuls: oneDNN (MLXFT_CPU_MATMUL=onednn)"
+                for n in s.backend.training_notes
+            )
             assert {id(m.base) for m in lora} <= {id(m) for m in moved}
             assert model.get_output_embeddings() in moved
             assert all(not m.weight.requires_grad for m in moved)
         else:
             assert not moved
         batches = epoch_batches(s.splits["train"], 2, seed=0, epoch=0, pad_id=s.pad_id)
-        losses = [s.backend.train_step(batches[i:i + 1], 1e-2)[0] for i in range(3)]
+        losses = [s.backend.train_step(batches[i : i + 1], 1e-2)[0] for i in range(3)]
         results[side] = losses, s.backend.adapter_weights()
     np.testing.assert_allclose(results["onednn"][0], results["mkl"][0], rtol=1e-5)
     # Adam's first steps are ~lr * sign(grad): a rounding-level gradient difference on an element
     # with a near-zero gradient shows at 1e-5 of lr = 1e-2; 1e-4 is 1% of one step
     for key, value in results["mkl"][1].items():
         np.testing.assert_allclose(results["onednn"][1][key], value, rtol=0, atol=1e-4)
-

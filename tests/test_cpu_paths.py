@@ -26,7 +26,9 @@ def test_exp_by_power_is_exp_to_float_rounding():
     assert exp_by_power(mx.array([-mx.inf])).item() == 0.0
 
 
-@pytest.mark.parametrize("chunk", [7 * 50, 1 << 21])  # 7 rows per chunk (not dividing 33), one chunk
+@pytest.mark.parametrize(
+    "chunk", [7 * 50, 1 << 21]
+)  # 7 rows per chunk (not dividing 33), one chunk
 @pytest.mark.parametrize("exp", [mx.exp, exp_by_power], ids=["mx.exp", "power"])
 def test_chunked_cross_entropy_matches_value_and_gradient(chunk, exp):
     mx.random.seed(0)
@@ -68,11 +70,15 @@ def test_head_loss_splits_an_untied_llama_exactly(llama):
 
 
 def test_head_loss_declines_what_it_cannot_split(tiny_llama, stories):
-    tied, _ = load_mlx_model(stories)  # stories260K ties its embeddings: the split uses embed_tokens
+    tied, _ = load_mlx_model(
+        stories
+    )  # stories260K ties its embeddings: the split uses embed_tokens
     tied.freeze()
     assert HeadLoss.of(tied, chunked=True).head_weight() is tied.model.embed_tokens.weight
 
-    trainable, _ = load_mlx_model(tiny_llama)  # full fine-tuning trains the head: split, not chunked
+    trainable, _ = load_mlx_model(
+        tiny_llama
+    )  # full fine-tuning trains the head: split, not chunked
     assert not HeadLoss.of(trainable, chunked=True).chunked
 
     class ScaledLogits(type(trainable)):  # an architecture that scales its logits fails the probe
@@ -112,8 +118,10 @@ def test_causal_attention_matches_mlx_sdpa(q_heads, kv_heads):
 
     np.testing.assert_allclose(np.array(ours(q, k, v)), np.array(sdpa(q, k, v)), atol=1e-6)
     weights = mx.random.normal((2, q_heads, 37, 16))
-    for a, b in zip(mx.grad(lambda *x: (ours(*x) * weights).sum(), argnums=(0, 1, 2))(q, k, v),
-                    mx.grad(lambda *x: (sdpa(*x) * weights).sum(), argnums=(0, 1, 2))(q, k, v)):
+    for a, b in zip(
+        mx.grad(lambda *x: (ours(*x) * weights).sum(), argnums=(0, 1, 2))(q, k, v),
+        mx.grad(lambda *x: (sdpa(*x) * weights).sum(), argnums=(0, 1, 2))(q, k, v),
+    ):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
 
 
@@ -150,5 +158,7 @@ def test_malloc_tuning_reports_and_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("MLXFT_MALLOC", "system")
     assert _malloc._apply() == "system (MLXFT_MALLOC=system)"
     monkeypatch.delenv("MLXFT_MALLOC")
-    expected = "glibc, freed memory kept for reuse" if sys.platform.startswith("linux") else "system"
+    expected = (
+        "glibc, freed memory kept for reuse" if sys.platform.startswith("linux") else "system"
+    )
     assert _malloc._apply() == expected

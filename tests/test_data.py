@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 from mlxft.config import Config
-from mlxft.data import (Batch, Split, epoch_batches, eval_batches, load_splits, make_batch, pad_token_id,
-                        padding_fraction)
+from mlxft.data import (
+    Batch,
+    Split,
+    epoch_batches,
+    eval_batches,
+    load_splits,
+    make_batch,
+    pad_token_id,
+    padding_fraction,
+)
 from mlxft.errors import UserError
 from tests.conftest import STORIES, WIKISQL
 from tests.tiny_models import CHATML, build_tokenizer
@@ -91,7 +99,9 @@ def test_text_format_wikisql_dir(wikisql_small, stories_tok):
     texts = wikisql_texts(64)
     for text, seq, mask in zip(texts, train.sequences, train.masks):
         assert seq.dtype == np.int32 and mask.dtype == bool and len(seq) == len(mask)
-        assert seq.tolist() == stories_tok(text)["input_ids"] + [2]  # BOS from the tokenizer, EOS appended
+        assert seq.tolist() == stories_tok(text)["input_ids"] + [
+            2
+        ]  # BOS from the tokenizer, EOS appended
         assert seq[0] == 1 and not mask[0] and mask[1:].all()
 
 
@@ -109,7 +119,9 @@ def test_completion_plain_masks(tmp_path, stories_tok, mask_prompt):
         rows.append({"prompt": prompt + "\nA: ", "completion": completion})
     splits = load(tmp_path, rows, stories_tok, mask_prompt=mask_prompt)
     assert splits["train"].format == "completion"
-    by_text = {stories_tok.decode(s, skip_special_tokens=True): (s, m) for s, m in all_examples(splits)}
+    by_text = {
+        stories_tok.decode(s, skip_special_tokens=True): (s, m) for s, m in all_examples(splits)
+    }
     assert len(by_text) == len(rows)
     for row in rows:
         full = stories_tok(row["prompt"] + row["completion"])["input_ids"] + [2]
@@ -128,7 +140,10 @@ def test_completion_with_chat_template(tmp_path, chatml_tok):
     for seq, mask in all_examples(splits):
         text = chatml_tok.decode(seq)
         i = text.split("What is ")[1][0]
-        assert text == f"<|im_start|>user\nWhat is {i}?<|im_end|>\n<|im_start|>assistant\nIt is {i}.<|im_end|>\n"
+        assert (
+            text == f"<|im_start|>user\nWhat is {i}?<|im_end|>\n"
+            f"<|im_start|>assistant\nIt is {i}.<|im_end|>\n"
+        )
         assert target_spans(chatml_tok, seq, mask) == [f"It is {i}.<|im_end|>\n"]
 
 
@@ -138,12 +153,16 @@ def test_use_chat_template_false_and_true(tmp_path, chatml_tok, plain_tok):
     seq, mask = splits["train"].sequences[0], splits["train"].masks[0]
     assert chatml_tok.decode(seq) == "<s>Q: one?\nA: two</s>"
     assert chatml_tok.decode(seq[mask]) == "A: two</s>"
-    with pytest.raises(UserError, match="use_chat_template is true but the tokenizer has no chat template"):
+    with pytest.raises(
+        UserError, match="use_chat_template is true but the tokenizer has no chat template"
+    ):
         load(tmp_path, rows, plain_tok, use_chat_template="true")
 
 
 def test_multi_turn_chat_masks_every_assistant_turn(tmp_path, chatml_tok):
-    splits = load(tmp_path, [{"messages": CONVO, "tools": [{"name": "x"}]}] * 3, chatml_tok, mask_prompt=True)
+    splits = load(
+        tmp_path, [{"messages": CONVO, "tools": [{"name": "x"}]}] * 3, chatml_tok, mask_prompt=True
+    )
     assert splits["train"].format == "chat"
     seq, mask = splits["train"].sequences[0], splits["train"].masks[0]
     assert chatml_tok.decode(seq) == chatml_tok.apply_chat_template(CONVO, tokenize=False)
@@ -154,14 +173,22 @@ def test_multi_turn_chat_masks_every_assistant_turn(tmp_path, chatml_tok):
 
 
 def test_alpaca_renders_as_chat(tmp_path, chatml_tok):
-    rows = [{"instruction": "Add", "input": "1 2", "output": "3"},
-            {"instruction": "Say hi", "input": "", "output": "hi"}]
+    rows = [
+        {"instruction": "Add", "input": "1 2", "output": "3"},
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+    ]
     splits = load(tmp_path, rows * 2, chatml_tok, mask_prompt=True)
     assert splits["train"].format == "alpaca"
-    decoded = {chatml_tok.decode(s): target_spans(chatml_tok, s, m) for s, m in all_examples(splits)}
+    decoded = {
+        chatml_tok.decode(s): target_spans(chatml_tok, s, m) for s, m in all_examples(splits)
+    }
     assert decoded == {
-        "<|im_start|>user\nAdd\n\n1 2<|im_end|>\n<|im_start|>assistant\n3<|im_end|>\n": ["3<|im_end|>\n"],
-        "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nhi<|im_end|>\n": ["hi<|im_end|>\n"],
+        "<|im_start|>user\nAdd\n\n1 2<|im_end|>\n<|im_start|>assistant\n3<|im_end|>\n": [
+            "3<|im_end|>\n"
+        ],
+        "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nhi<|im_end|>\n": [
+            "hi<|im_end|>\n"
+        ],
     }
 
 
@@ -172,8 +199,9 @@ def test_fallback_template_when_tokenizer_has_none_warns_once(tmp_path, plain_to
     notes = [str(w.message) for w in caught if "no chat template" in str(w.message)]
     assert len(notes) == 1 and "chat_template" in notes[0]
     seq, mask = splits["train"].sequences[0], splits["train"].masks[0]
-    assert plain_tok.decode(seq) == ("<s>system: be brief\nuser: hi\nassistant: yo</s>"
-                                     "\nuser: what?\nassistant: SELECT 1</s>")
+    assert plain_tok.decode(seq) == (
+        "<s>system: be brief\nuser: hi\nassistant: yo</s>\nuser: what?\nassistant: SELECT 1</s>"
+    )
     # byte-level BPE merges the header's trailing space into " SELECT": that token is a target
     assert [t.strip() for t in target_spans(plain_tok, seq, mask)] == ["yo</s>", "SELECT 1</s>"]
 
@@ -182,7 +210,9 @@ def test_fallback_on_real_base_tokenizer(tmp_path, stories_tok):
     with pytest.warns(UserWarning, match="no chat template"):
         splits = load(tmp_path, [{"messages": CONVO}] * 3, stories_tok, mask_prompt=True)
     seq, mask = splits["train"].sequences[0], splits["train"].masks[0]
-    assert seq[0] == 1 and [stories_tok.decode(s).strip() for s in [seq[mask]]] == ["yo</s> SELECT 1</s>"]
+    assert seq[0] == 1 and [stories_tok.decode(s).strip() for s in [seq[mask]]] == [
+        "yo</s> SELECT 1</s>"
+    ]
     assert (seq[mask] == 2).sum() == 2  # an EOS closes each assistant turn
 
 
@@ -192,24 +222,47 @@ def test_chat_template_override_string_and_file(tmp_path, plain_tok):
     for template in (CHATML, str(path)):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no fallback notice
-            splits = load(tmp_path, [{"messages": CONVO}] * 3, plain_tok, mask_prompt=True, chat_template=template)
+            splits = load(
+                tmp_path,
+                [{"messages": CONVO}] * 3,
+                plain_tok,
+                mask_prompt=True,
+                chat_template=template,
+            )
         seq, mask = splits["train"].sequences[0], splits["train"].masks[0]
         assert target_spans(plain_tok, seq, mask) == ["yo<|im_end|>\n", "SELECT 1<|im_end|>\n"]
     with pytest.raises(UserError, match="chat_template: file .*missing.jinja not found"):
-        load(tmp_path, [{"messages": CONVO}] * 3, plain_tok, chat_template=str(tmp_path / "missing.jinja"))
+        load(
+            tmp_path,
+            [{"messages": CONVO}] * 3,
+            plain_tok,
+            chat_template=str(tmp_path / "missing.jinja"),
+        )
 
 
 def test_prompt_completion_templates(tmp_path, stories_tok):
-    rows = [{"Question": f"Is {i} even?", "Complex_CoT": f"{i} mod 2", "Response": "yes" if i % 2 == 0 else "no"}
-            for i in range(8)]
-    cfg = dict(prompt_template="Question: {Question}\n",
-               completion_template="<think>\n{Complex_CoT}\n</think>\n{Response}", mask_prompt=True)
+    rows = [
+        {
+            "Question": f"Is {i} even?",
+            "Complex_CoT": f"{i} mod 2",
+            "Response": "yes" if i % 2 == 0 else "no",
+        }
+        for i in range(8)
+    ]
+    cfg = dict(
+        prompt_template="Question: {Question}\n",
+        completion_template="<think>\n{Complex_CoT}\n</think>\n{Response}",
+        mask_prompt=True,
+    )
     splits = load(tmp_path, rows, stories_tok, **cfg)
     assert splits["train"].format == "template"
     for seq, mask in all_examples(splits):
         i = int(stories_tok.decode(seq, skip_special_tokens=True).split("Is ")[1].split()[0])
         assert seq[0] == 1 and not mask[:3].any()
-        assert stories_tok.decode(seq[mask]) == f"<think>\n{i} mod 2\n</think>\n{rows[i]['Response']}</s>"
+        assert (
+            stories_tok.decode(seq[mask])
+            == f"<think>\n{i} mod 2\n</think>\n{rows[i]['Response']}</s>"
+        )
 
 
 # ----------------------------------------------------------------------------- truncation, splits
@@ -240,12 +293,20 @@ def test_single_file_split_sizes_and_determinism(tmp_path, stories_tok):
     a = load(tmp_path, rows, stories_tok, valid_split=0.1, seed=3)
     assert (len(a["train"]), len(a["valid"])) == (18, 2) and "test" not in a
     everything = sorted(s.tobytes() for s, _ in all_examples(a))
-    expected = sorted(np.array(stories_tok(r["text"])["input_ids"] + [2], np.int32).tobytes() for r in rows)
+    expected = sorted(
+        np.array(stories_tok(r["text"])["input_ids"] + [2], np.int32).tobytes() for r in rows
+    )
     assert everything == expected  # disjoint, and together all records
     b = load(tmp_path, rows, stories_tok, valid_split=0.1, seed=3)
     assert [s.tolist() for s in a["valid"].sequences] == [s.tolist() for s in b["valid"].sequences]
-    valid_sets = {tuple(sorted(s.tobytes() for s in load(tmp_path, rows, stories_tok, seed=k)["valid"].sequences))
-                  for k in range(4)}
+    valid_sets = {
+        tuple(
+            sorted(
+                s.tobytes() for s in load(tmp_path, rows, stories_tok, seed=k)["valid"].sequences
+            )
+        )
+        for k in range(4)
+    }
     assert len(valid_sets) > 1  # the seed picks the validation records
     three = load(tmp_path, rows[:3], stories_tok, valid_split=0.1)
     assert (len(three["train"]), len(three["valid"])) == (2, 1)
@@ -279,7 +340,9 @@ def test_mlx_lm_tokenizer_wrapper_is_accepted(tmp_path, stories_tok):
     rows = [{"text": t} for t in wikisql_texts(6)]
     wrapped = load(tmp_path, rows, TokenizerWrapper(stories_tok))
     plain = load(tmp_path, rows, stories_tok)
-    assert [s.tolist() for s, _ in all_examples(wrapped)] == [s.tolist() for s, _ in all_examples(plain)]
+    assert [s.tolist() for s, _ in all_examples(wrapped)] == [
+        s.tolist() for s, _ in all_examples(plain)
+    ]
     assert pad_token_id(TokenizerWrapper(stories_tok)) == 2
 
 
@@ -293,8 +356,10 @@ def wikisql_train(stories_tok):
 
 def test_sorted_batches_pad_less_than_unsorted(wikisql_train):
     batches = epoch_batches(wikisql_train, 8, seed=0, epoch=0, pad_id=2)
-    unsorted = [make_batch(wikisql_train.sequences[i : i + 8], wikisql_train.masks[i : i + 8], 2)
-                for i in range(0, len(wikisql_train), 8)]
+    unsorted = [
+        make_batch(wikisql_train.sequences[i : i + 8], wikisql_train.masks[i : i + 8], 2)
+        for i in range(0, len(wikisql_train), 8)
+    ]
     assert padding_fraction(batches) < padding_fraction(unsorted)
     assert padding_fraction(batches) < 0.5 * padding_fraction(unsorted)
     ordered = epoch_batches(wikisql_train, 8, seed=0, epoch=0, pad_id=2, shuffle=False)
@@ -314,7 +379,9 @@ def test_batches_deterministic_and_epoch_reorders(wikisql_train):
     assert key(a) == key(b)
     assert key(a) != key(c) and sorted(key(a)) == sorted(key(c))
     assert key(a) != key(d)
-    assert len(a[-1].inputs) in range(1, 17) and len(a) == -(-1000 // 16)  # the partial batch is kept
+    assert len(a[-1].inputs) in range(1, 17) and len(a) == -(
+        -1000 // 16
+    )  # the partial batch is kept
 
 
 def test_batch_shift_mask_and_padding_invariants(wikisql_train):
@@ -323,13 +390,19 @@ def test_batch_shift_mask_and_padding_invariants(wikisql_train):
     batches = epoch_batches(split, 5, seed=0, epoch=0, pad_id=2)
     assert sum(b.ntokens for b in batches) == total
     for b in batches:
-        assert b.inputs.dtype == np.int32 and b.targets.dtype == np.int32 and b.mask.dtype == np.float32
+        assert (
+            b.inputs.dtype == np.int32
+            and b.targets.dtype == np.int32
+            and b.mask.dtype == np.float32
+        )
         assert b.inputs.shape == b.targets.shape == b.mask.shape
         assert b.inputs.shape[1] == b.lengths.max() - 1  # padded to its own longest example
         for row, n in enumerate(b.lengths):
             assert (b.inputs[row, 1 : n - 1] == b.targets[row, : n - 2]).all()
             assert (b.mask[row, n - 1 :] == 0).all()  # no padded target is trained
-            assert b.mask[row, n - 2] == 1 and b.targets[row, n - 2] == 2  # pad == eos, real EOS still trained
+            assert (
+                b.mask[row, n - 2] == 1 and b.targets[row, n - 2] == 2
+            )  # pad == eos, real EOS still trained
             assert (b.targets[row, n - 1 :] == 2).all()
 
 
@@ -350,7 +423,10 @@ def test_padding_fraction_exact():
     masks = [np.array([0, 1, 1, 1], bool), np.array([0, 1], bool)]
     b = make_batch(seqs, masks, pad_id=0)
     assert isinstance(b, Batch) and b.inputs.tolist() == [[1, 5, 6], [1, 7, 0]]
-    assert b.targets.tolist() == [[5, 6, 2], [7, 0, 0]] and b.mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b.targets.tolist() == [[5, 6, 2], [7, 0, 0]] and b.mask.tolist() == [
+        [1, 1, 1],
+        [1, 0, 0],
+    ]
     assert b.real_tokens == 4 and b.ntokens == 4  # "7 -> pad" is a wasted position, not a real one
     assert padding_fraction([b]) == pytest.approx(2 / 6)
     split = Split("train", "x", seqs, masks, 0, "text")

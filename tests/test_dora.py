@@ -49,7 +49,9 @@ def test_dora_files_are_peft_layout(dora_run, tiny_llama):
     assert weights[key].shape == (64,)
     assert sum(k.endswith("lora_magnitude_vector") for k in weights) == 14
     # trained: B moved off zero and m off its start ||W||_row
-    base = load_file(str(tiny_llama / "model.safetensors"))["model.layers.1.self_attn.q_proj.weight"]
+    base = load_file(str(tiny_llama / "model.safetensors"))[
+        "model.layers.1.self_attn.q_proj.weight"
+    ]
     assert np.abs(weights[key] - np.linalg.norm(base, axis=1)).max() > 1e-3
     assert np.abs(weights[key.replace("lora_magnitude_vector", "lora_B.weight")]).max() > 1e-3
     losses = train_losses(out)
@@ -67,8 +69,11 @@ def test_peft_loads_our_dora_adapter_with_equal_logits(dora_run, tiny_llama):
         # and PEFT's merged weights are our fused ones
         merged = model.merge_and_unload().state_dict()
     layer = dict(session.backend.model.named_modules())["model.layers.0.mlp.up_proj"]
-    np.testing.assert_allclose(np.array(layer.fused_weight()), merged["model.layers.0.mlp.up_proj.weight"].numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(layer.fused_weight()),
+        merged["model.layers.0.mlp.up_proj.weight"].numpy(),
+        atol=1e-5,
+    )
 
 
 def test_dora_gradients_match_peft(dora_run, tiny_llama):
@@ -84,14 +89,19 @@ def test_dora_gradients_match_peft(dora_run, tiny_llama):
 
     pm = _peft_model(tiny_llama, out, train_mode=True)
     logits = pm(torch.tensor(inputs)).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.tensor(targets).reshape(-1),
-                                             reduction="sum")
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), torch.tensor(targets).reshape(-1), reduction="sum"
+    )
     loss.backward()
     assert abs(loss.item() - total.item()) < 1e-3
     theirs = {}
     for name, p in pm.named_parameters():
         if p.grad is not None:
-            key = name.removeprefix("base_model.model.").replace(".default", "").replace(".weight", "")
+            key = (
+                name.removeprefix("base_model.model.")
+                .replace(".default", "")
+                .replace(".weight", "")
+            )
             theirs[key] = p.grad.numpy()
     assert len(ours) == len(theirs) == 42
     for key, grad in ours.items():
@@ -99,13 +109,17 @@ def test_dora_gradients_match_peft(dora_run, tiny_llama):
 
 
 def test_untrained_dora_equals_the_base_model(tiny_llama, wikisql_small, tmp_path):
-    session = Session(make_config(tiny_llama, wikisql_small, tmp_path / "out", fine_tune_type="dora"))
+    session = Session(
+        make_config(tiny_llama, wikisql_small, tmp_path / "out", fine_tune_type="dora")
+    )
     ids = token_ids(320)
     with_dora = session.backend.logits(ids)
     layers = [m for _, m in session.backend.model.named_modules() if isinstance(m, DoRALinear)]
     for layer in layers:
         layer.lora_magnitude_vector = layer.lora_magnitude_vector * 1.5
-    assert np.abs(session.backend.logits(ids) - with_dora).max() > 1e-2  # m is live in the forward pass
+    assert (
+        np.abs(session.backend.logits(ids) - with_dora).max() > 1e-2
+    )  # m is live in the forward pass
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
@@ -122,7 +136,8 @@ def test_dora_adapter_into_a_lora_run_is_refused(dora_run, tiny_llama, wikisql_s
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_dora_backends_agree(tiny_llama, tmp_path):
-    """Per-step training loss of MLX and torch DoRA within 1e-3 over 10 steps, and the same adapter."""
+    """Per-step training loss of MLX and torch DoRA within 1e-3 over 10 steps, and the same
+    adapter."""
     from tests.conftest import WIKISQL
 
     losses, weights = {}, {}
@@ -151,7 +166,10 @@ def test_dora_dropout_follows_peft_on_both_backends():
     rng = np.random.default_rng(0)
     w = rng.normal(0, 0.2, (24, 16)).astype(np.float32)
     bias = rng.normal(0, 0.1, 24).astype(np.float32)
-    a, b = rng.normal(0, 0.2, (4, 16)).astype(np.float32), rng.normal(0, 0.2, (24, 4)).astype(np.float32)
+    a, b = (
+        rng.normal(0, 0.2, (4, 16)).astype(np.float32),
+        rng.normal(0, 0.2, (24, 4)).astype(np.float32),
+    )
     m = rng.uniform(0.5, 2, 24).astype(np.float32)
     x = rng.normal(size=(3, 16)).astype(np.float32)
 
@@ -167,8 +185,9 @@ def test_dora_dropout_follows_peft_on_both_backends():
     assert 0 < (xd == 0).mean() < 1
     np.testing.assert_allclose(out, _peft_dropout_formula(x, xd, w, bias, a, b, m, 2.0), atol=1e-5)
     layer.eval()
-    np.testing.assert_allclose(np.array(layer(mx.array(x))), _peft_dropout_formula(x, x, w, bias, a, b, m, 2.0),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(layer(mx.array(x))), _peft_dropout_formula(x, x, w, bias, a, b, m, 2.0), atol=1e-5
+    )
 
     from mlxft.torch_backend.dora import DoRALinear as TorchDoRA
 
@@ -183,7 +202,12 @@ def test_dora_dropout_follows_peft_on_both_backends():
         out = tlayer(torch.tensor(x)).numpy()
         torch.manual_seed(7)
         xd = tlayer.dropout(torch.tensor(x)).numpy()
-        np.testing.assert_allclose(out, _peft_dropout_formula(x, xd, w, bias, a, b, m, 2.0), atol=1e-5)
+        np.testing.assert_allclose(
+            out, _peft_dropout_formula(x, xd, w, bias, a, b, m, 2.0), atol=1e-5
+        )
         tlayer.dropout.eval()
-        np.testing.assert_allclose(tlayer(torch.tensor(x)).numpy(), _peft_dropout_formula(x, x, w, bias, a, b, m, 2.0),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            tlayer(torch.tensor(x)).numpy(),
+            _peft_dropout_formula(x, x, w, bias, a, b, m, 2.0),
+            atol=1e-5,
+        )

@@ -16,7 +16,9 @@ from tests.test_fuse import IDS, our_logits, small_data, train_adapter
 
 KINDS = {
     "all": dict(lora={"rank": 4, "alpha": 8}),
-    "last_block": dict(num_layers=1, lora={"rank": 4, "alpha": 12}),  # exercises layers_to_transform
+    "last_block": dict(
+        num_layers=1, lora={"rank": 4, "alpha": 12}
+    ),  # exercises layers_to_transform
     "q_v": dict(lora={"rank": 2, "alpha": 6, "keys": ["q_proj", "v_proj"]}),
     "dora": dict(fine_tune_type="dora", lora={"rank": 4, "alpha": 8}),
 }
@@ -37,8 +39,9 @@ def peft_logits(base, adapter_dir) -> np.ndarray:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
-                                      str(adapter_dir))
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(adapter_dir)
+    )
     with torch.no_grad():
         return model(torch.tensor(IDS)).logits[0].numpy()
 
@@ -61,21 +64,43 @@ def test_peft_loads_our_adapter(tiny_llama, adapters, kind):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_mlx_lm_loads_exported_adapter_and_round_trip_is_identical(tiny_llama, adapters, kind, tmp_path):
-    out = run("export", "--adapter-path", adapters[kind], "--to", "mlx-lm", "--save-path", tmp_path / "mlx")
+def test_mlx_lm_loads_exported_adapter_and_round_trip_is_identical(
+    tiny_llama, adapters, kind, tmp_path
+):
+    out = run(
+        "export",
+        "--adapter-path",
+        adapters[kind],
+        "--to",
+        "mlx-lm",
+        "--save-path",
+        tmp_path / "mlx",
+    )
     assert out.exit_code == 0, out.output
-    assert sorted(p.name for p in (tmp_path / "mlx").iterdir()) == ["adapter_config.json", "adapters.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "mlx").iterdir()) == [
+        "adapter_config.json",
+        "adapters.safetensors",
+    ]
     mlx_config = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())
     assert mlx_config["num_layers"] == (1 if kind == "last_block" else -1)
-    assert np.abs(mlx_lm_logits(tiny_llama, tmp_path / "mlx") - our_logits(tiny_llama, adapters[kind])).max() < 1e-4
+    assert (
+        np.abs(
+            mlx_lm_logits(tiny_llama, tmp_path / "mlx") - our_logits(tiny_llama, adapters[kind])
+        ).max()
+        < 1e-4
+    )
 
     back = run("import", tmp_path / "mlx", "--save-path", tmp_path / "back")
     assert back.exit_code == 0, back.output
     for name in ("adapter_config.json",):
-        assert json.loads((tmp_path / "back" / name).read_text()) == json.loads((adapters[kind] / name).read_text())
+        assert json.loads((tmp_path / "back" / name).read_text()) == json.loads(
+            (adapters[kind] / name).read_text()
+        )
     before = load_file(str(adapters[kind] / "adapter_model.safetensors"))
     after = load_file(str(tmp_path / "back" / "adapter_model.safetensors"))
-    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    assert before.keys() == after.keys() and all(
+        np.array_equal(before[k], after[k]) for k in before
+    )
 
 
 def test_export_of_partial_depth_needs_the_block_count(adapters, tmp_path):
@@ -85,7 +110,9 @@ def test_export_of_partial_depth_needs_the_block_count(adapters, tmp_path):
     config["base_model_name_or_path"] = "someorg/not-cached"
     (src / "adapter_config.json").write_text(json.dumps(config))
     out = run("export", "--adapter-path", src, "--save-path", tmp_path / "mlx")
-    assert out.exit_code == 2 and "pass --model BASE" in out.stderr and not (tmp_path / "mlx").exists()
+    assert (
+        out.exit_code == 2 and "pass --model BASE" in out.stderr and not (tmp_path / "mlx").exists()
+    )
 
 
 def test_import_mlx_lm_own_adapter(tiny_llama, tmp_path):
@@ -104,10 +131,19 @@ def test_import_mlx_lm_own_adapter(tiny_llama, tmp_path):
             layer.lora_b = mx.array(rng.normal(0, 0.05, layer.lora_b.shape).astype(np.float32))
     src = tmp_path / "mlx_lm_adapter"
     src.mkdir()
-    mx.save_safetensors(str(src / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-    (src / "adapter_config.json").write_text(json.dumps({
-        "model": str(tiny_llama), "fine_tune_type": "lora", "num_layers": 1,
-        "lora_parameters": {"rank": 4, "scale": 5.0, "dropout": 0.0}}))
+    mx.save_safetensors(
+        str(src / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters()))
+    )
+    (src / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "model": str(tiny_llama),
+                "fine_tune_type": "lora",
+                "num_layers": 1,
+                "lora_parameters": {"rank": 4, "scale": 5.0, "dropout": 0.0},
+            }
+        )
+    )
     expected = np.array(model(mx.array(IDS))[0])
 
     # passed where a PEFT adapter is expected: the message says what to run
@@ -116,7 +152,9 @@ def test_import_mlx_lm_own_adapter(tiny_llama, tmp_path):
 
     assert run("import", src, "--save-path", tmp_path / "ours").exit_code == 0
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert config["r"] == 4 and config["lora_alpha"] == 20.0 and config["layers_to_transform"] == [1]
+    assert (
+        config["r"] == 4 and config["lora_alpha"] == 20.0 and config["layers_to_transform"] == [1]
+    )
     assert np.abs(our_logits(tiny_llama, tmp_path / "ours") - expected).max() < 1e-4
     assert np.abs(peft_logits(tiny_llama, tmp_path / "ours") - expected).max() < 1e-4
 
@@ -127,8 +165,15 @@ def test_import_peft_own_adapter(tiny_llama, tmp_path, rslora):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj", "down_proj"], layers_to_transform=[0],
-                        init_lora_weights=False, use_rslora=rslora, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "o_proj", "down_proj"],
+        layers_to_transform=[0],
+        init_lora_weights=False,
+        use_rslora=rslora,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(base, config)
     with torch.no_grad():
         expected = peft_model(torch.tensor(IDS)).logits[0].numpy()
@@ -136,7 +181,11 @@ def test_import_peft_own_adapter(tiny_llama, tmp_path, rslora):
     assert np.abs(our_logits(tiny_llama, tmp_path / "peft") - expected).max() < 1e-4  # used as is
     assert run("import", tmp_path / "peft", "--save-path", tmp_path / "ours").exit_code == 0
     ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert ours["layers_to_transform"] == [0] and ours["target_modules"] == ["down_proj", "o_proj", "q_proj"]
+    assert ours["layers_to_transform"] == [0] and ours["target_modules"] == [
+        "down_proj",
+        "o_proj",
+        "q_proj",
+    ]
     assert np.abs(our_logits(tiny_llama, tmp_path / "ours") - expected).max() < 1e-4
 
 
@@ -148,20 +197,31 @@ def _generate(model, adapter):
 def test_adapter_for_another_model_names_the_module(adapters, stories, tiny_llama, tmp_path):
     wrong_shape = _generate(stories, adapters["all"])  # tiny llama's MLP is 128 wide, stories' 172
     assert wrong_shape.exit_code == 2
-    assert wrong_shape.stderr == ("Error: adapter module model.layers.0.mlp.down_proj lora_A has shape (4, 128), "
-                                  "the model expects (4, 172)\n")
+    assert wrong_shape.stderr == (
+        "Error: adapter module model.layers.0.mlp.down_proj lora_A has shape (4, 128), "
+        "the model expects (4, 172)\n"
+    )
     weights = load_file(str(adapters["q_v"] / "adapter_model.safetensors"))
     moved = {k.replace("layers.1.", "layers.7."): v for k, v in weights.items()}
-    save_adapter(tmp_path / "deep", moved, json.loads((adapters["q_v"] / "adapter_config.json").read_text()))
+    save_adapter(
+        tmp_path / "deep", moved, json.loads((adapters["q_v"] / "adapter_config.json").read_text())
+    )
     missing = _generate(tiny_llama, tmp_path / "deep")
     assert missing.exit_code == 2
-    assert "adapter module model.layers.7.self_attn.q_proj is not a linear module of this model" in missing.stderr
+    assert (
+        "adapter module model.layers.7.self_attn.q_proj is not a linear module of this model"
+        in missing.stderr
+    )
 
 
 def test_broken_adapter_dirs_are_one_line_errors(adapters, tiny_llama, tmp_path):
     (tmp_path / "empty").mkdir()
     out = _generate(tiny_llama, tmp_path / "empty")
-    assert out.exit_code == 2 and "no adapter_config.json" in out.stderr and out.stderr.count("\n") == 1
+    assert (
+        out.exit_code == 2
+        and "no adapter_config.json" in out.stderr
+        and out.stderr.count("\n") == 1
+    )
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -181,6 +241,8 @@ def test_broken_adapter_dirs_are_one_line_errors(adapters, tiny_llama, tmp_path)
     save_file({"x": np.zeros(1, np.float32)}, str(tmp_path / "x.safetensors"))
     (tmp_path / "mlx_full").mkdir()
     shutil.copy(tmp_path / "x.safetensors", tmp_path / "mlx_full" / "adapters.safetensors")
-    (tmp_path / "mlx_full" / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "full", "num_layers": -1}))
+    (tmp_path / "mlx_full" / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "full", "num_layers": -1})
+    )
     out = run("import", tmp_path / "mlx_full", "--save-path", full)
     assert out.exit_code == 2 and "full fine-tune" in out.stderr and not full.exists()

@@ -28,15 +28,28 @@ def test_full_fine_tune_saves_a_model_transformers_loads(stories, wikisql_small,
     out = tmp_path / "full"
     ids = token_ids(512)
     before = _hf_logits(stories, ids)
-    session = train(stories, wikisql_small, out, fine_tune_type="full", iters=8, learning_rate=2e-3, save_every=4)
+    session = train(
+        stories,
+        wikisql_small,
+        out,
+        fine_tune_type="full",
+        iters=8,
+        learning_rate=2e-3,
+        save_every=4,
+    )
     losses = train_losses(out)
     assert losses[-1] < losses[0] - 0.2, losses
     assert session.last_val_loss < session.first_val_loss
     # the whole model trained: embeddings (tied to lm_head in stories260K) and norms included
     trainable = dict(tree_flatten(session.backend.model.trainable_parameters()))
     assert "model.embed_tokens.weight" in trainable and "model.norm.weight" in trainable
-    assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "mlxft_config.yaml"} <= {
-        f.name for f in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "mlxft_config.yaml",
+    } <= {f.name for f in out.iterdir()}
     assert not (out / "adapter_config.json").exists()
     saved = _hf_logits(out, ids)
     np.testing.assert_allclose(saved, session.backend.logits(ids), atol=1e-4)
@@ -52,14 +65,27 @@ def test_partial_depth_trains_only_the_last_blocks(stories, wikisql_small, tmp_p
     from safetensors.numpy import load_file
 
     out = tmp_path / "full2"
-    session = train(stories, wikisql_small, out, fine_tune_type="full", num_layers=2, iters=3, learning_rate=2e-3)
+    session = train(
+        stories,
+        wikisql_small,
+        out,
+        fine_tune_type="full",
+        num_layers=2,
+        iters=3,
+        learning_rate=2e-3,
+    )
     trainable = {k for k, _ in tree_flatten(session.backend.model.trainable_parameters())}
     assert trainable and {k.split(".")[2] for k in trainable} == {"3", "4"}  # model.layers.N.…
-    before, after = load_file(str(stories / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    before, after = (
+        load_file(str(stories / "model.safetensors")),
+        load_file(str(out / "model.safetensors")),
+    )
     assert set(after) == set(before)
     for name in before:
         moved = np.abs(before[name] - after[name]).max() > 0
-        assert moved == name.startswith(("model.layers.3.", "model.layers.4.")), name  # embeddings stay frozen
+        assert moved == name.startswith(("model.layers.3.", "model.layers.4.")), (
+            name
+        )  # embeddings stay frozen
     trained, total = session.backend.parameter_counts()
     assert 0 < trained < total
 
@@ -82,8 +108,16 @@ def test_full_backends_agree(tiny_llama, tmp_path):
     ids = token_ids(320)
     for backend in ("mlx", "torch"):
         out = tmp_path / backend
-        session = train(tiny_llama, WIKISQL, out, fine_tune_type="full", num_layers=1, iters=10, backend=backend,
-                        learning_rate=1e-3)
+        session = train(
+            tiny_llama,
+            WIKISQL,
+            out,
+            fine_tune_type="full",
+            num_layers=1,
+            iters=10,
+            backend=backend,
+            learning_rate=1e-3,
+        )
         losses[backend] = np.array(train_losses(out))
         logits[backend] = _hf_logits(out, ids)
         np.testing.assert_allclose(logits[backend], session.backend.logits(ids), atol=1e-4)
@@ -98,10 +132,31 @@ def test_cli_full_fine_tune(stories, wikisql_small, tmp_path):
     from mlxft.cli import main
 
     out = tmp_path / "cli-full"
-    result = CliRunner().invoke(main, ["lora", "--train", "--model", str(stories), "--data", str(wikisql_small),
-                                       "--fine-tune-type", "full", "--num-layers", "2", "--iters", "2",
-                                       "--batch-size", "2", "--max-seq-length", "64", "--val-batches", "1",
-                                       "--adapter-path", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "lora",
+            "--train",
+            "--model",
+            str(stories),
+            "--data",
+            str(wikisql_small),
+            "--fine-tune-type",
+            "full",
+            "--num-layers",
+            "2",
+            "--iters",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-seq-length",
+            "64",
+            "--val-batches",
+            "1",
+            "--adapter-path",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"Saved the full model to {out}" in result.output
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()

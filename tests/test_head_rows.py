@@ -49,7 +49,9 @@ def completions(tmp_path_factory):
 def _one_step(model, data, out, backend, monkeypatch, rows: bool):
     """(val loss sum, first step's (loss, tokens, grad norm), adapter weights after it, notes)."""
     monkeypatch.setenv("MLXFT_HEAD_ROWS", "1" if rows else "0")
-    cfg = make_config(model, data, out, backend=backend, batch_size=4, mask_prompt=True, max_seq_length=1024)
+    cfg = make_config(
+        model, data, out, backend=backend, batch_size=4, mask_prompt=True, max_seq_length=1024
+    )
     session = Session(cfg, reporter_quiet=True)
     b = session.backend
     b.setup_training(cfg)
@@ -61,7 +63,9 @@ def _one_step(model, data, out, backend, monkeypatch, rows: bool):
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
-def test_head_on_trained_rows_changes_nothing_but_time(backend, tiny_llama, completions, tmp_path, monkeypatch):
+def test_head_on_trained_rows_changes_nothing_but_time(
+    backend, tiny_llama, completions, tmp_path, monkeypatch
+):
     if backend == "torch":
         pytest.importorskip("torch")
     on = _one_step(tiny_llama, completions, tmp_path / "on", backend, monkeypatch, rows=True)
@@ -82,7 +86,9 @@ def test_backends_agree_on_trained_rows(tiny_llama, completions, tmp_path, monke
     mlx = _one_step(tiny_llama, completions, tmp_path / "mlx", "mlx", monkeypatch, rows=True)
     torch_ = _one_step(tiny_llama, completions, tmp_path / "torch", "torch", monkeypatch, rows=True)
     assert mlx[0][1] == torch_[0][1] and mlx[0][0] == pytest.approx(torch_[0][0], rel=1e-5)
-    assert mlx[1][0] == pytest.approx(torch_[1][0], rel=1e-5) and mlx[1][2] == pytest.approx(torch_[1][2], rel=1e-4)
+    assert mlx[1][0] == pytest.approx(torch_[1][0], rel=1e-5) and mlx[1][2] == pytest.approx(
+        torch_[1][2], rel=1e-4
+    )
 
 
 def test_a_quantized_head_splits_without_chunking(tiny_llama, tmp_path):
@@ -92,7 +98,9 @@ def test_a_quantized_head_splits_without_chunking(tiny_llama, tmp_path):
     from mlxft.mlx_backend.backend import load_mlx_model
     from mlxft.mlx_backend.loss import HeadLoss, loss_sum
 
-    model, _ = load_mlx_model(to_mlx(tiny_llama, tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32))
+    model, _ = load_mlx_model(
+        to_mlx(tiny_llama, tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32)
+    )
     model.freeze()
     head = HeadLoss.of(model, chunked=True)
     assert head is not None and not head.chunked  # packed weights: the module runs the head
@@ -106,7 +114,9 @@ def test_a_quantized_head_splits_without_chunking(tiny_llama, tmp_path):
     assert total.item() == pytest.approx(ref_total.item(), rel=1e-5)
 
 
-def test_torch_keeps_the_head_inside_a_model_that_scales_its_logits(tiny_llama, wikisql_small, tmp_path):
+def test_torch_keeps_the_head_inside_a_model_that_scales_its_logits(
+    tiny_llama, wikisql_small, tmp_path
+):
     pytest.importorskip("torch")
     cfg = make_config(tiny_llama, wikisql_small, tmp_path / "out", backend="torch")
     session = Session(cfg, reporter_quiet=True)

@@ -23,8 +23,15 @@ from tests.conftest import write_wikisql  # noqa: E402
 from tests.session_helpers import train, train_losses  # noqa: E402
 
 PARITY = dict(
-    iters=20, batch_size=2, grad_accumulation_steps=2, max_seq_length=64, learning_rate=2e-3,
-    lr_schedule={"name": "cosine", "warmup": 4}, val_batches=4, rank=4, dropout=0.0,
+    iters=20,
+    batch_size=2,
+    grad_accumulation_steps=2,
+    max_seq_length=64,
+    learning_rate=2e-3,
+    lr_schedule={"name": "cosine", "warmup": 4},
+    val_batches=4,
+    rank=4,
+    dropout=0.0,
 )
 
 
@@ -50,7 +57,10 @@ def runs(request, tiny_models, data, tmp_path_factory):
     for backend in ("mlx", "torch"):
         adapter_dir = tmp_path_factory.mktemp(f"{family}-{backend}")
         shutil.rmtree(adapter_dir)
-        out[backend] = (train(tiny_models[family], data, adapter_dir, backend=backend, **PARITY), adapter_dir)
+        out[backend] = (
+            train(tiny_models[family], data, adapter_dir, backend=backend, **PARITY),
+            adapter_dir,
+        )
     return out
 
 
@@ -58,16 +68,27 @@ def test_per_step_training_loss_agrees(runs):
     mlx_losses = np.array(train_losses(runs["mlx"][1]))
     torch_losses = np.array(train_losses(runs["torch"][1]))
     assert len(mlx_losses) == len(torch_losses) == PARITY["iters"]
-    assert mlx_losses[-3:].mean() < mlx_losses[:3].mean() - 0.2  # it learned: the comparison means something
+    assert (
+        mlx_losses[-3:].mean() < mlx_losses[:3].mean() - 0.2
+    )  # it learned: the comparison means something
     np.testing.assert_allclose(torch_losses, mlx_losses, rtol=0, atol=1e-3)
     lrs = {b: [r["learning_rate"] for r in _records(runs[b][1]) if "train_loss" in r] for b in runs}
     assert lrs["mlx"] == lrs["torch"]
-    assert lrs["mlx"][0] < lrs["mlx"][3] and lrs["mlx"][3] == pytest.approx(PARITY["learning_rate"])  # warm-up
+    assert lrs["mlx"][0] < lrs["mlx"][3] and lrs["mlx"][3] == pytest.approx(
+        PARITY["learning_rate"]
+    )  # warm-up
     assert lrs["mlx"][-1] < lrs["mlx"][10] < lrs["mlx"][3]  # cosine decay
 
 
 def test_validation_loss_agrees(runs):
-    val = {b: [(r["step"], r["val_loss"], r["val_tokens"]) for r in _records(runs[b][1]) if "val_loss" in r] for b in runs}
+    val = {
+        b: [
+            (r["step"], r["val_loss"], r["val_tokens"])
+            for r in _records(runs[b][1])
+            if "val_loss" in r
+        ]
+        for b in runs
+    }
     (step0_m, first_m, tokens_m), (_, last_m, _) = val["mlx"]
     (step0_t, first_t, tokens_t), (_, last_t, _) = val["torch"]
     assert step0_m == step0_t == 0 and tokens_m == tokens_t > 0
@@ -78,7 +99,9 @@ def test_validation_loss_agrees(runs):
 def test_final_adapters_agree(runs):
     mlx_w, torch_w = (runs[b][0].backend.adapter_weights() for b in ("mlx", "torch"))
     assert mlx_w.keys() == torch_w.keys()
-    assert max(np.abs(v).max() for k, v in mlx_w.items() if "lora_B" in k) > 5e-3  # B moved off its zero init
+    assert (
+        max(np.abs(v).max() for k, v in mlx_w.items() if "lora_B" in k) > 5e-3
+    )  # B moved off its zero init
     diff = max(np.abs(mlx_w[k] - torch_w[k]).max() for k in mlx_w)
     assert diff < 1e-3, f"max adapter difference {diff:.2e}"
 
@@ -103,8 +126,14 @@ def test_adapter_cross_loads_with_same_logits(runs):
 def test_grad_checkpoint_gives_the_same_losses(tiny_llama, data, tmp_path):
     settings = dict(PARITY, iters=4)
     plain = train(tiny_llama, data, tmp_path / "plain", backend="torch", **settings)
-    checkpointed = train(tiny_llama, data, tmp_path / "ckpt", backend="torch", grad_checkpoint=True, **settings)
-    checkpointing = [any(getattr(m, "gradient_checkpointing", False) for m in s.backend.model.modules())
-                     for s in (plain, checkpointed)]
+    checkpointed = train(
+        tiny_llama, data, tmp_path / "ckpt", backend="torch", grad_checkpoint=True, **settings
+    )
+    checkpointing = [
+        any(getattr(m, "gradient_checkpointing", False) for m in s.backend.model.modules())
+        for s in (plain, checkpointed)
+    ]
     assert checkpointing == [False, True]
-    np.testing.assert_allclose(train_losses(tmp_path / "ckpt"), train_losses(tmp_path / "plain"), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        train_losses(tmp_path / "ckpt"), train_losses(tmp_path / "plain"), rtol=0, atol=1e-6
+    )

@@ -45,10 +45,14 @@ def test_qlora_trains_on_a_quantized_mlx_model(quantized_llama, wikisql_small, t
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantize_on_load(tiny_llama, wikisql_small, tmp_path, bits):
-    cfg = make_config(tiny_llama, wikisql_small, tmp_path / "out", quantize=bits, q_group_size=32, iters=1)
+    cfg = make_config(
+        tiny_llama, wikisql_small, tmp_path / "out", quantize=bits, q_group_size=32, iters=1
+    )
     session = Session(cfg, reporter_quiet=True)
     layers = _adapted(session)
-    assert len(layers) == 14 and all(m.base.bits == bits and m.base.group_size == 32 for m in layers)
+    assert len(layers) == 14 and all(
+        m.base.bits == bits and m.base.group_size == 32 for m in layers
+    )
     # 4-bit weights differ from fp32 by more than 8-bit ones, but both stay close to the base
     down = dict(session.backend.model.named_modules())["model.layers.0.mlp.down_proj"]
     quantized = np.array(dense_weight(down.base))
@@ -61,12 +65,18 @@ def test_quantize_on_load(tiny_llama, wikisql_small, tmp_path, bits):
     assert total == sum(v.size for v in stored.values()) + trainable
 
 
-def test_qdora_trains_and_magnitude_starts_at_dequantized_norm(quantized_llama, wikisql_small, tmp_path):
-    cfg = make_config(quantized_llama, wikisql_small, tmp_path / "out", fine_tune_type="dora", iters=1)
+def test_qdora_trains_and_magnitude_starts_at_dequantized_norm(
+    quantized_llama, wikisql_small, tmp_path
+):
+    cfg = make_config(
+        quantized_llama, wikisql_small, tmp_path / "out", fine_tune_type="dora", iters=1
+    )
     session = Session(cfg, reporter_quiet=True)
     layer = next(m for m in _adapted(session) if isinstance(m, DoRALinear))
     w = np.array(dense_weight(layer.base))
-    np.testing.assert_allclose(np.array(layer.lora_magnitude_vector), np.linalg.norm(w, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.array(layer.lora_magnitude_vector), np.linalg.norm(w, axis=1), rtol=1e-5
+    )
     session.train()
     assert np.isfinite(session.last_val_loss)
 
@@ -89,12 +99,16 @@ def test_fused_weight_of_a_quantized_base_matches_the_layer(kind):
     expected = np.array(layer(x))
     fused = np.array(x @ layer.fused_weight().T + base.bias)
     np.testing.assert_allclose(fused, expected, atol=1e-4)
-    assert not np.allclose(np.array(base(x)), expected, atol=1e-2)  # the adapter really changes the output
+    assert not np.allclose(
+        np.array(base(x)), expected, atol=1e-2
+    )  # the adapter really changes the output
 
 
 def test_full_fine_tune_refuses_a_quantized_model(quantized_llama, wikisql_small, tmp_path):
     with pytest.raises(UserError, match="fine_tune_type full .* quantized"):
-        Session(make_config(quantized_llama, wikisql_small, tmp_path / "out", fine_tune_type="full"))
+        Session(
+            make_config(quantized_llama, wikisql_small, tmp_path / "out", fine_tune_type="full")
+        )
 
 
 def test_quantize_flag_on_a_quantized_model_is_refused(quantized_llama, wikisql_small, tmp_path):
@@ -103,7 +117,8 @@ def test_quantize_flag_on_a_quantized_model_is_refused(quantized_llama, wikisql_
 
 
 def test_cli_quantize_flag(tiny_llama, wikisql_small, tmp_path):
-    """`mlxft lora --quantize 4` end to end: the flag reaches the config, training runs, a PEFT adapter is saved."""
+    """`mlxft lora --quantize 4` end to end: the flag reaches the config, training runs, a PEFT
+    adapter is saved."""
     import yaml
     from click.testing import CliRunner
 
@@ -112,18 +127,42 @@ def test_cli_quantize_flag(tiny_llama, wikisql_small, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"q_group_size": 32, "max_seq_length": 64, "val_batches": 1}))
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["lora", "-c", str(config), "--train", "--model", str(tiny_llama), "--data",
-                                       str(wikisql_small), "--quantize", "4", "--iters", "2", "--batch-size", "2",
-                                       "--num-layers", "-1", "--adapter-path", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "lora",
+            "-c",
+            str(config),
+            "--train",
+            "--model",
+            str(tiny_llama),
+            "--data",
+            str(wikisql_small),
+            "--quantize",
+            "4",
+            "--iters",
+            "2",
+            "--batch-size",
+            "2",
+            "--num-layers",
+            "-1",
+            "--adapter-path",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "Iter 2: train loss" in result.output
     assert (out / "adapter_model.safetensors").is_file()
     assert yaml.safe_load((out / "mlxft_config.yaml").read_text())["quantize"] == 4
 
 
-def test_torch_backend_refuses_quantized_mlx_models(quantized_llama, tiny_llama, wikisql_small, tmp_path):
+def test_torch_backend_refuses_quantized_mlx_models(
+    quantized_llama, tiny_llama, wikisql_small, tmp_path
+):
     pytest.importorskip("torch")
-    with pytest.raises(UserError, match="4-bit quantized MLX model, which the torch backend cannot load.*--to-hf"):
+    with pytest.raises(
+        UserError, match="4-bit quantized MLX model, which the torch backend cannot load.*--to-hf"
+    ):
         Session(make_config(quantized_llama, wikisql_small, tmp_path / "a", backend="torch"))
     with pytest.raises(UserError, match="quantize .* only supported by the MLX backend"):
         Session(make_config(tiny_llama, wikisql_small, tmp_path / "b", backend="torch", quantize=4))

@@ -23,11 +23,43 @@ RUN = [sys.executable, "-c", "from mlxft.cli import main; main()"]
 
 def lora_args(model, data, out, backend="mlx", *extra):
     """16 batches per epoch, so every run below crosses an epoch boundary."""
-    return ["lora", "--train", "--model", str(model), "--data", str(data), "--adapter-path", str(out),
-            "--backend", backend, "--iters", str(ITERS), "--save-every", str(SAVE_EVERY), "--steps-per-report", "1",
-            "--steps-per-eval", "10", "--val-batches", "1", "--batch-size", "4", "--max-seq-length", "96",
-            "--num-layers", "-1", "--learning-rate", "2e-3", "--lr-schedule", "cosine", "--warmup", "3",
-            "--dropout", "0.1", *extra]
+    return [
+        "lora",
+        "--train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--adapter-path",
+        str(out),
+        "--backend",
+        backend,
+        "--iters",
+        str(ITERS),
+        "--save-every",
+        str(SAVE_EVERY),
+        "--steps-per-report",
+        "1",
+        "--steps-per-eval",
+        "10",
+        "--val-batches",
+        "1",
+        "--batch-size",
+        "4",
+        "--max-seq-length",
+        "96",
+        "--num-layers",
+        "-1",
+        "--learning-rate",
+        "2e-3",
+        "--lr-schedule",
+        "cosine",
+        "--warmup",
+        "3",
+        "--dropout",
+        "0.1",
+        *extra,
+    ]
 
 
 def cli(*args):
@@ -37,7 +69,9 @@ def cli(*args):
 
 def losses(out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {(r["step"], key): r[key] for r in rows for key in ("train_loss", "val_loss") if key in r}
+    return {
+        (r["step"], key): r[key] for r in rows for key in ("train_loss", "val_loss") if key in r
+    }
 
 
 def backend_ready(name: str):
@@ -97,21 +131,33 @@ def reference(tmp_path_factory, data):
 
 def start(args, env_extra=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
-    return subprocess.Popen(RUN + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    return subprocess.Popen(
+        RUN + [str(a) for a in args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def wait_for_step(proc, out: Path, step: int, timeout: float = 120.0) -> None:
-    """Poll (bounded) until the step-`SAVE_EVERY` checkpoint exists and metrics.jsonl is past `step`."""
+    """Poll (bounded) until the step-`SAVE_EVERY` checkpoint exists and metrics.jsonl is past
+    `step`."""
     deadline = time.monotonic() + timeout
     checkpoint = out / "checkpoints" / f"step-{SAVE_EVERY:07d}" / "trainer_state.json"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"the run ended (status {proc.returncode}) before it could be interrupted: "
-                        f"{proc.stderr.read()[-2000:]}")
+            pytest.fail(
+                f"the run ended (status {proc.returncode}) before it could be interrupted: "
+                f"{proc.stderr.read()[-2000:]}"
+            )
         metrics = out / "metrics.jsonl"
         if checkpoint.is_file() and metrics.is_file():
-            steps = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.endswith("}")]
+            steps = [
+                json.loads(line).get("step", 0)
+                for line in metrics.read_text().splitlines()
+                if line.endswith("}")
+            ]
             if steps and max(steps) > step:
                 return
         time.sleep(0.005)
@@ -124,7 +170,9 @@ def assert_same_run(reference: Path, resumed: Path) -> None:
     assert sorted(ref) == sorted(got), "the resumed run reports different steps"
     assert sum(1 for _, kind in got if kind == "train_loss") == ITERS
     for key in ref:
-        assert abs(ref[key] - got[key]) <= 1e-5, f"{key}: {ref[key]} uninterrupted vs {got[key]} resumed"
+        assert abs(ref[key] - got[key]) <= 1e-5, (
+            f"{key}: {ref[key]} uninterrupted vs {got[key]} resumed"
+        )
     from mlxft.adapters.files import load_adapter
 
     _, a = load_adapter(reference)
@@ -150,8 +198,13 @@ def test_sigkill_then_resume_matches_uninterrupted(backend, stories, data, refer
     assert_same_run(reference(backend), out)
     # what the run wrote stays inside adapter_path, under names of our own
     names = {p.name for p in out.iterdir()}
-    assert names <= {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "mlxft_config.yaml",
-                     "checkpoints"}
+    assert names <= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.jsonl",
+        "mlxft_config.yaml",
+        "checkpoints",
+    }
 
 
 def test_sigint_saves_a_checkpoint_and_says_how_to_resume(stories, data, reference, tmp_path):
@@ -167,7 +220,9 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(stories, data, referen
     assert step > SAVE_EVERY
     assert f"mlxft lora --config {out / 'mlxft_config.yaml'} --resume" in line
     assert (out / "checkpoints" / f"step-{step:07d}" / "trainer_state.json").is_file()
-    assert not (out / "adapter_model.safetensors").exists()  # the final adapter is for finished runs
+    assert not (
+        out / "adapter_model.safetensors"
+    ).exists()  # the final adapter is for finished runs
     # the printed command continues the run exactly
     result = cli("lora", "--config", out / "mlxft_config.yaml", "--resume")
     assert result.exit_code == 0, result.output
@@ -190,13 +245,38 @@ def test_resume_from_an_older_checkpoint_rewinds_the_run(stories, data, referenc
 
 def test_full_fine_tune_resumes_exactly(tiny_llama, data, tmp_path):
     """A full fine-tune's checkpoint is a model directory; resuming loads the weights from it."""
-    args = ["lora", "--train", "--model", tiny_llama, "--data", data, "--fine-tune-type", "full", "--iters", "6",
-            "--save-every", "3", "--steps-per-report", "1", "--val-batches", "1", "--batch-size", "2",
-            "--max-seq-length", "64", "--learning-rate", "1e-3", "--num-layers", "-1"]
+    args = [
+        "lora",
+        "--train",
+        "--model",
+        tiny_llama,
+        "--data",
+        data,
+        "--fine-tune-type",
+        "full",
+        "--iters",
+        "6",
+        "--save-every",
+        "3",
+        "--steps-per-report",
+        "1",
+        "--val-batches",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "64",
+        "--learning-rate",
+        "1e-3",
+        "--num-layers",
+        "-1",
+    ]
     assert cli(*args, "--adapter-path", tmp_path / "ref").exit_code == 0
     out = tmp_path / "run"
     assert cli(*args, "--adapter-path", out, "--iters", "6").exit_code == 0
-    result = cli(*args, "--adapter-path", out, "--resume-from", out / "checkpoints" / "step-0000003")
+    result = cli(
+        *args, "--adapter-path", out, "--resume-from", out / "checkpoints" / "step-0000003"
+    )
     assert result.exit_code == 0, result.output
     ref, got = losses(tmp_path / "ref"), losses(out)
     assert sorted(ref) == sorted(got)
@@ -207,19 +287,25 @@ def test_full_fine_tune_resumes_exactly(tiny_llama, data, tmp_path):
 def test_keep_checkpoints_and_fresh_runs_clear_old_ones(stories, data, tmp_path):
     out = tmp_path / "run"
     assert cli(*lora_args(stories, data, out, "mlx", "--keep-checkpoints", "2")).exit_code == 0
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000012", "step-0000016"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-0000012",
+        "step-0000016",
+    ]
     result = cli(*lora_args(stories, data, out, "mlx", "--iters", "3"))
     assert result.exit_code == 0, result.output
     assert "removed 2 checkpoint(s) of an earlier run" in result.output
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
 
 
-@pytest.mark.parametrize("change, message", [
-    (["--batch-size", "2"], "batch_size is 2, the checkpoint has 4"),
-    (["--rank", "4"], "lora_parameters.rank is 4, the checkpoint has 8"),
-    (["--max-seq-length", "64"], "max_seq_length is 64, the checkpoint has 96"),
-    (["--seed", "1"], "seed is 1, the checkpoint has 0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--batch-size", "2"], "batch_size is 2, the checkpoint has 4"),
+        (["--rank", "4"], "lora_parameters.rank is 4, the checkpoint has 8"),
+        (["--max-seq-length", "64"], "max_seq_length is 64, the checkpoint has 96"),
+        (["--seed", "1"], "seed is 1, the checkpoint has 0"),
+    ],
+)
 def test_incompatible_resume_is_refused(stories, data, short_run, tmp_path, change, message):
     out = copy_of(short_run, tmp_path)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -259,9 +345,21 @@ def test_optimizer_state_round_trip_and_layout(stories, data, tmp_path):
 
     for optimizer, slots in (("adamw", {"exp_avg", "exp_avg_sq"}), ("sgd", {"momentum_buffer"})):
         extra = {"optimizer_config": {"sgd": {"momentum": 0.9}}} if optimizer == "sgd" else {}
-        cfg = build_config(overrides=dict(model=str(stories), data=str(data), adapter_path=str(tmp_path / optimizer),
-                                          train=True, iters=2, batch_size=4, max_seq_length=64, val_batches=1,
-                                          optimizer=optimizer, num_layers=2, **extra))
+        cfg = build_config(
+            overrides=dict(
+                model=str(stories),
+                data=str(data),
+                adapter_path=str(tmp_path / optimizer),
+                train=True,
+                iters=2,
+                batch_size=4,
+                max_seq_length=64,
+                val_batches=1,
+                optimizer=optimizer,
+                num_layers=2,
+                **extra,
+            )
+        )
         session = Session(cfg, reporter_quiet=True)
         session.train()
         state = session.backend.optimizer_state()
@@ -278,10 +376,10 @@ def test_optimizer_state_round_trip_and_layout(stories, data, tmp_path):
 
 
 def test_rng_state_round_trip(stories, data, tmp_path):
+    import mlx.core as mx
+
     from mlxft.config import build_config
     from mlxft.mlx_backend import MLXBackend
-
-    import mlx.core as mx
 
     backend = MLXBackend(build_config(overrides={}))
     saved = backend.rng_state()
@@ -297,7 +395,9 @@ def test_position_continues_across_the_epoch_boundary(stories, data):
     from mlxft.training.checkpoint import Position
     from mlxft.training.session import batch_stream as _batches
 
-    cfg = build_config(overrides=dict(model=str(stories), data=str(data), batch_size=4, max_seq_length=96))
+    cfg = build_config(
+        overrides=dict(model=str(stories), data=str(data), batch_size=4, max_seq_length=96)
+    )
     split = load_splits(cfg, load_tokenizer(stories, cfg))["train"]
     whole = _batches(split, cfg, 0, Position())
     straight = [next(whole) for _ in range(20)]
@@ -320,4 +420,9 @@ def test_resume_errors(stories, data, tmp_path):
 def test_help_separates_resume_from_resume_adapter_file():
     text = CliRunner().invoke(main, ["lora", "--help"]).output
     assert "--resume-adapter-file" in text and "NEW run" in text
-    assert "--resume " in text and "--resume-from" in text and "--dry-run" in text and "--revision" in text
+    assert (
+        "--resume " in text
+        and "--resume-from" in text
+        and "--dry-run" in text
+        and "--revision" in text
+    )

@@ -17,16 +17,33 @@ torch = pytest.importorskip("torch")
 from mlxft.cli import main  # noqa: E402
 from mlxft.data import epoch_batches  # noqa: E402
 from mlxft.errors import UserError  # noqa: E402
+from mlxft.torch_backend.device import available_devices, pick_device, pick_dtype  # noqa: E402
 from mlxft.training.session import Session  # noqa: E402
 from tests.conftest import REPO, write_wikisql  # noqa: E402
 from tests.session_helpers import make_config  # noqa: E402
-from mlxft.torch_backend.device import available_devices, pick_device, pick_dtype  # noqa: E402
-from mlxft.torch_backend.lora import LoRALinear  # noqa: E402
 
-TRAIN_FIELDS = {"step", "train_loss", "learning_rate", "tokens_per_second", "iterations_per_second",
-                "trained_tokens", "peak_memory_gb", "grad_norm"}
-VAL_FIELDS = {"step", "val_loss", "val_perplexity", "val_tokens", "val_seconds", "learning_rate",
-              "tokens_per_second", "iterations_per_second", "trained_tokens", "peak_memory_gb"}
+TRAIN_FIELDS = {
+    "step",
+    "train_loss",
+    "learning_rate",
+    "tokens_per_second",
+    "iterations_per_second",
+    "trained_tokens",
+    "peak_memory_gb",
+    "grad_norm",
+}
+VAL_FIELDS = {
+    "step",
+    "val_loss",
+    "val_perplexity",
+    "val_tokens",
+    "val_seconds",
+    "learning_rate",
+    "tokens_per_second",
+    "iterations_per_second",
+    "trained_tokens",
+    "peak_memory_gb",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,7 +77,9 @@ def test_device_errors_name_the_fix():
     missing = next((d for d in ("cuda", "mps") if d not in available_devices()), None)
     if missing is None:
         pytest.skip("both cuda and mps are available here")
-    with pytest.raises(UserError, match=rf"device '{missing}' is not available here .*available: cpu"):
+    with pytest.raises(
+        UserError, match=rf"device '{missing}' is not available here .*available: cpu"
+    ):
         pick_device(missing)
 
 
@@ -74,7 +93,18 @@ def test_dtype_defaults_to_float32_and_refuses_unsupported_halves():
 
 def test_cli_refuses_unavailable_device_and_dtype(tiny_llama, data, tmp_path):
     missing = next((d for d in ("cuda", "mps") if d not in available_devices()), None)
-    base = ("lora", "--train", "--backend", "torch", "--model", tiny_llama, "--data", data, "--adapter-path", tmp_path / "a")
+    base = (
+        "lora",
+        "--train",
+        "--backend",
+        "torch",
+        "--model",
+        tiny_llama,
+        "--data",
+        data,
+        "--adapter-path",
+        tmp_path / "a",
+    )
     if missing:
         result = cli(*base, "--device", missing)
         assert result.exit_code == 2
@@ -84,7 +114,9 @@ def test_cli_refuses_unavailable_device_and_dtype(tiny_llama, data, tmp_path):
     result = cli(*base, "-c", config)
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1] == (
-        "Error: dtype float16 is not supported on the CPU by the torch backend; use float32 or bfloat16")
+        "Error: dtype float16 is not supported on the CPU by the torch backend; use float32 or "
+        "bfloat16"
+    )
 
 
 def test_cli_refuses_a_quantized_mlx_base(tiny_llama, data, tmp_path):
@@ -93,8 +125,20 @@ def test_cli_refuses_a_quantized_mlx_base(tiny_llama, data, tmp_path):
     config = json.loads((model / "config.json").read_text())
     config["quantization"] = {"group_size": 64, "bits": 4}
     (model / "config.json").write_text(json.dumps(config))
-    result = cli("lora", "--train", "--backend", "torch", "--device", "cpu", "--model", model, "--data", data,
-                 "--adapter-path", tmp_path / "a")
+    result = cli(
+        "lora",
+        "--train",
+        "--backend",
+        "torch",
+        "--device",
+        "cpu",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--adapter-path",
+        tmp_path / "a",
+    )
     assert result.exit_code == 2
     message = result.output.strip().splitlines()[-1]
     assert message.startswith(f"Error: {model}: this is a 4-bit quantized MLX model")
@@ -111,10 +155,38 @@ def test_optimizer_options_are_checked(tiny_llama, data, tmp_path):
 @pytest.fixture(scope="module")
 def cli_run(tiny_llama, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("torch_cli") / "adapter"
-    result = cli("lora", "--train", "--backend", "torch", "--device", "cpu", "--model", tiny_llama, "--data", data,
-                 "--adapter-path", out, "--iters", 4, "--batch-size", 2, "--max-seq-length", 64, "--rank", 4,
-                 "--num-layers", -1, "--learning-rate", 1e-2, "--steps-per-report", 2, "--steps-per-eval", 4,
-                 "--val-batches", 2)
+    result = cli(
+        "lora",
+        "--train",
+        "--backend",
+        "torch",
+        "--device",
+        "cpu",
+        "--model",
+        tiny_llama,
+        "--data",
+        data,
+        "--adapter-path",
+        out,
+        "--iters",
+        4,
+        "--batch-size",
+        2,
+        "--max-seq-length",
+        64,
+        "--rank",
+        4,
+        "--num-layers",
+        -1,
+        "--learning-rate",
+        1e-2,
+        "--steps-per-report",
+        2,
+        "--steps-per-eval",
+        4,
+        "--val-batches",
+        2,
+    )
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -130,7 +202,10 @@ def test_cli_report_lines(cli_run, tiny_llama):
         line = next(li for li in lines if li.startswith(f"Iter {step}: train loss "))
         assert ", lr 1.000e-02, it/s " in line and line.endswith(" GB")
     assert [li.split(":")[0] for li in lines if "Val loss" in li] == ["Iter 0", "Iter 4"]
-    assert lines[-1] == f"Saved adapter to {out} (PEFT layout: adapter_config.json, adapter_model.safetensors)"
+    assert (
+        lines[-1]
+        == f"Saved adapter to {out} (PEFT layout: adapter_config.json, adapter_model.safetensors)"
+    )
 
 
 def test_cli_metrics_and_files(cli_run):
@@ -140,19 +215,28 @@ def test_cli_metrics_and_files(cli_run):
     vals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in trains] == [2, 4] and [r["step"] for r in vals] == [0, 4]
     assert all(set(r) == TRAIN_FIELDS for r in trains) and all(set(r) == VAL_FIELDS for r in vals)
-    assert all(r["peak_memory_gb"] > 0 and r["trained_tokens"] > 0 and r["grad_norm"] > 0 for r in trains)
+    assert all(
+        r["peak_memory_gb"] > 0 and r["trained_tokens"] > 0 and r["grad_norm"] > 0 for r in trains
+    )
     assert vals[1]["val_loss"] < vals[0]["val_loss"]
-    assert {"adapter_config.json", "adapter_model.safetensors", "mlxft_config.yaml"} <= {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "mlxft_config.yaml"} <= {
+        p.name for p in out.iterdir()
+    }
 
 
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside PEFT
+@pytest.mark.filterwarnings(
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+)  # raised inside PEFT
 def test_peft_loads_the_adapter_with_the_same_logits(cli_run, tiny_llama, data, tmp_path):
     """PEFT (the reference implementation) reads our file as is and computes our logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out, _ = cli_run
-    ours = Session(make_config(tiny_llama, data, out, backend="torch", train=False, device="cpu"), reporter_quiet=True)
+    ours = Session(
+        make_config(tiny_llama, data, out, backend="torch", train=False, device="cpu"),
+        reporter_quiet=True,
+    )
     ids = np.asarray(ours.splits["valid"].sequences[0][:24])[None]
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -168,7 +252,9 @@ def test_cached_generation_matches_a_full_forward(tiny_llama, data, tmp_path):
     rng = np.random.default_rng(0)
     for _, layer in s.backend._lora_layers():  # a non-zero adapter, so its path is exercised
         with torch.no_grad():
-            layer.lora_B.copy_(torch.tensor(rng.normal(0, 0.05, tuple(layer.lora_B.shape)), dtype=torch.float32))
+            layer.lora_B.copy_(
+                torch.tensor(rng.normal(0, 0.05, tuple(layer.lora_B.shape)), dtype=torch.float32)
+            )
     ids = list(s.splits["valid"].sequences[0][:16])
     full = s.backend.logits(np.asarray(ids)[None])[0]
     steps = [s.backend.start_generation(ids[:6])] + [s.backend.next_logits(t) for t in ids[6:]]
@@ -201,11 +287,16 @@ def test_grad_checkpoint_recomputes_the_blocks(tiny_llama, data, tmp_path):
         s.backend.setup_training(s.cfg)
         blocks = s.backend._blocks(s.backend.model)
         assert len(blocks) >= 2
-        watched = {"first q": blocks[0].self_attn.q_proj, "first down base": blocks[0].mlp.down_proj.base,
-                   "last q": blocks[-1].self_attn.q_proj}
+        watched = {
+            "first q": blocks[0].self_attn.q_proj,
+            "first down base": blocks[0].mlp.down_proj.base,
+            "last q": blocks[-1].self_attn.q_proj,
+        }
         calls[checkpoint] = dict.fromkeys(watched, 0)
         for name, module in watched.items():
-            module.register_forward_hook(lambda *_, c=calls[checkpoint], n=name: c.__setitem__(n, c[n] + 1))
+            module.register_forward_hook(
+                lambda *_, c=calls[checkpoint], n=name: c.__setitem__(n, c[n] + 1)
+            )
         batch = epoch_batches(s.splits["train"], 2, seed=0, epoch=0, pad_id=s.pad_id)[0]
         s.backend._set_training(True)
         loss = s.backend._loss_sum(batch)
@@ -215,12 +306,17 @@ def test_grad_checkpoint_recomputes_the_blocks(tiny_llama, data, tmp_path):
         grads[checkpoint] = [p.grad.clone() for _, p in s.backend._named_trainable()]
     assert calls[False] == {"first q": 1, "first down base": 1, "last q": 1}
     assert calls[True] == {"first q": 2, "first down base": 1, "last q": 1}
-    assert attention == {False: 0, True: 0}  # no attention forward in the backward, recomputed or not
+    assert attention == {
+        False: 0,
+        True: 0,
+    }  # no attention forward in the backward, recomputed or not
     for plain, recomputed in zip(grads[False], grads[True]):
         torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("optimizer, state_names", [("adamw", {"exp_avg", "exp_avg_sq"}), ("sgd", {"momentum_buffer"})])
+@pytest.mark.parametrize(
+    "optimizer, state_names", [("adamw", {"exp_avg", "exp_avg_sq"}), ("sgd", {"momentum_buffer"})]
+)
 def test_resume_replays_exactly(tiny_llama, data, tmp_path, optimizer, state_names):
     """Adapter + optimizer state + RNG state after 2 steps reproduce steps 3-4 (dropout on)."""
     overrides = dict(dropout=0.3, optimizer=optimizer, optimizer_config={"sgd": {"momentum": 0.9}})
@@ -228,9 +324,13 @@ def test_resume_replays_exactly(tiny_llama, data, tmp_path, optimizer, state_nam
     first.backend.setup_training(first.cfg)
     batches = epoch_batches(first.splits["train"], 2, seed=0, epoch=0, pad_id=first.pad_id)
     for i in range(2):
-        first.backend.train_step(batches[i:i + 1], 1e-2)
-    saved = (first.backend.adapter_weights(), first.backend.optimizer_state(), first.backend.rng_state())
-    expected = [first.backend.train_step(batches[i:i + 1], 1e-2) for i in (2, 3)]
+        first.backend.train_step(batches[i : i + 1], 1e-2)
+    saved = (
+        first.backend.adapter_weights(),
+        first.backend.optimizer_state(),
+        first.backend.rng_state(),
+    )
+    expected = [first.backend.train_step(batches[i : i + 1], 1e-2) for i in (2, 3)]
 
     opt_state = saved[1]
     assert int(opt_state["step"].reshape(-1)[0]) == 2
@@ -244,13 +344,18 @@ def test_resume_replays_exactly(tiny_llama, data, tmp_path, optimizer, state_nam
         again.backend.load_optimizer_state(saved[1])
         if restore_rng:
             again.backend.set_rng_state(saved[2])
-        return [again.backend.train_step(batches[i:i + 1], 1e-2) for i in (2, 3)]
+        return [again.backend.train_step(batches[i : i + 1], 1e-2) for i in (2, 3)]
 
     assert resumed(True) == expected
     assert resumed(False) != expected  # the dropout masks depend on the restored RNG
 
 
 def test_mlx_path_does_not_import_torch():
-    code = "import mlxft.training.session, mlxft.mlx_backend, mlxft.cli, sys; assert 'torch' not in sys.modules, 'torch imported'"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    code = (
+        "import mlxft.training.session, mlxft.mlx_backend, mlxft.cli, sys; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr

@@ -89,7 +89,9 @@ def _config(family: str, vocab_size: int):
     raise ValueError(family)
 
 
-def build_model(out: Path, family: str = "llama", seed: int = 0, chat_template: str | None = CHATML):
+def build_model(
+    out: Path, family: str = "llama", seed: int = 0, chat_template: str | None = CHATML
+):
     """A random-init `family` model with a trained tokenizer, saved as a HF directory (fp32)."""
     import torch
     import transformers as tf

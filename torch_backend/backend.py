@@ -1,6 +1,7 @@
 """PyTorch backend: transformers' architectures, our LoRA layers, the MLX backend's training math.
 
-Implements the interface in `mlxft.backend` so `mlxft.training.session.Session` runs unchanged.  What
+Implements the interface in `mlxft.backend` so `mlxft.training.session.Session` runs unchanged.
+What
 must match the MLX backend for loss parity: the loss (sum of fp32 token cross-entropies
 over the mask, no attention mask: right padding only ever follows real tokens), gradient
 accumulation (sum over the group, divided by the group's trained tokens), clipping and the
@@ -25,7 +26,13 @@ from mlxft.backend import checkpointed_blocks, head_note, head_probe, head_split
 from mlxft.data.batching import head_rows
 from mlxft.errors import UserError
 from mlxft.model_dir import BF16
-from mlxft.torch_backend.device import MemoryMeter, pick_device, pick_dtype, rng_state, set_rng_state
+from mlxft.torch_backend.device import (
+    MemoryMeter,
+    pick_device,
+    pick_dtype,
+    rng_state,
+    set_rng_state,
+)
 from mlxft.torch_backend.dora import DoRALinear
 from mlxft.torch_backend.generate import KVGeneration
 from mlxft.torch_backend.lora import LoRALinear
@@ -46,8 +53,10 @@ def refuse_quantized(model_path: Path, config: dict) -> None:
     if quant:
         bits = f"{quant.get('bits')}-bit " if isinstance(quant, dict) else ""
         raise UserError(
-            f"{model_path}: this is a {bits}quantized MLX model, which the torch backend cannot load; "
-            f"use --backend mlx, or de-quantize it: mlxft convert --to-hf --mlx-path {model_path} --hf-path OUT_DIR"
+            f"{model_path}: this is a {bits}quantized MLX model, which the torch backend cannot "
+            f"load; "
+            f"use --backend mlx, or de-quantize it: mlxft convert --to-hf --mlx-path {model_path} "
+            f"--hf-path OUT_DIR"
         )
 
 
@@ -57,8 +66,10 @@ def load_hf_model(model_path: Path, dtype: torch.dtype, trust_remote_code: bool)
     from transformers.utils import logging as hf_logging
 
     if not is_torch_available():  # e.g. transformers 5 with torch < 2.6: it hides its model classes
-        raise UserError(f"transformers {transformers.__version__} cannot use torch {torch.__version__}; "
-                        "upgrade one of them (pip install -U torch transformers)")
+        raise UserError(
+            f"transformers {transformers.__version__} cannot use torch {torch.__version__}; "
+            "upgrade one of them (pip install -U torch transformers)"
+        )
     from transformers import AutoModelForCausalLM
 
     # transformers >= 4.56 renamed `torch_dtype` to `dtype` (and warns on the old name)
@@ -68,12 +79,17 @@ def load_hf_model(model_path: Path, dtype: torch.dtype, trust_remote_code: bool)
     hf_logging.disable_progress_bar()  # the report starts with the model line, as on MLX
     try:
         return AutoModelForCausalLM.from_pretrained(
-            str(model_path), trust_remote_code=trust_remote_code, use_safetensors=True, **{dtype_kw: dtype}
+            str(model_path),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            **{dtype_kw: dtype},
         )
     except (OSError, ValueError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "trust_remote_code" in str(err):
-            raise UserError(f"{model_path}: needs custom code; pass --trust-remote-code if you trust it") from None
+            raise UserError(
+                f"{model_path}: needs custom code; pass --trust-remote-code if you trust it"
+            ) from None
         raise UserError(f"{model_path}: transformers cannot load this model: {message}") from None
     finally:
         if bar:
@@ -145,7 +161,11 @@ class TorchBackend:
     def linear_modules(self) -> list:
         found = []
         for path, module in self.model.named_modules():
-            if type(module) is nn.Linear and block_index(path) is not None and not path.endswith(".base"):
+            if (
+                type(module) is nn.Linear
+                and block_index(path) is not None
+                and not path.endswith(".base")
+            ):
                 found.append(LinearInfo(path, module.in_features, module.out_features))
         return sorted(found, key=lambda i: (block_index(i.path), i.path))
 
@@ -164,21 +184,30 @@ class TorchBackend:
         return [(p, m) for p, m in self.model.named_modules() if isinstance(m, LoRALinear)]
 
     def _named_trainable(self) -> list:
-        """[(PEFT key, parameter)] in a fixed order: the optimizer state's keys (HF names for full)."""
+        """[(PEFT key, parameter)] in a fixed order: the optimizer state's keys (HF names for
+        full)."""
         if self.cfg.fine_tune_type == "full":
             return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         out = []
         for path, layer in self._lora_layers():
-            out += [(peft_key(path, "lora_A"), layer.lora_A), (peft_key(path, "lora_B"), layer.lora_B)]
+            out += [
+                (peft_key(path, "lora_A"), layer.lora_A),
+                (peft_key(path, "lora_B"), layer.lora_B),
+            ]
             if isinstance(layer, DoRALinear):
                 out.append((peft_key(path, "lora_magnitude_vector"), layer.lora_magnitude_vector))
         return out
 
     def adapter_weights(self) -> dict:
-        return {key: p.detach().to("cpu", torch.float32).numpy().copy() for key, p in self._named_trainable()}
+        return {
+            key: p.detach().to("cpu", torch.float32).numpy().copy()
+            for key, p in self._named_trainable()
+        }
 
     def set_adapter_weights(self, weights: dict) -> None:
-        for layer, name, value in match_adapter_weights(weights, dict(self._lora_layers()), self.plan.kind):
+        for layer, name, value in match_adapter_weights(
+            weights, dict(self._lora_layers()), self.plan.kind
+        ):
             with torch.no_grad():
                 getattr(layer, name).copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)))
 
@@ -243,7 +272,8 @@ class TorchBackend:
 
     def _enable_checkpointing(self, cfg) -> None:
         """transformers' per-block checkpointing, non-reentrant (gradients reach the LoRA weights
-        without the inputs requiring grad), minus the last block (mlxft.backend.checkpointed_blocks),
+        without the inputs requiring grad), minus the last block
+        (mlxft.backend.checkpointed_blocks),
         keeping the attention kernels' outputs (mlxft.torch_backend.checkpoint)."""
         from mlxft.torch_backend.checkpoint import checkpoint_kwargs
 
@@ -303,7 +333,8 @@ class TorchBackend:
         return (losses * mask).sum()
 
     def train_step(self, batches: list, lr: float) -> tuple:
-        """One optimizer step over the grad-accumulation group: (loss sum, trained tokens, grad norm)."""
+        """One optimizer step over the grad-accumulation group: (loss sum, trained tokens, grad
+        norm)."""
         self._set_training(True)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -357,10 +388,14 @@ class TorchBackend:
 
     # ---------------------------------------------------------------- resume
     def optimizer_state(self) -> dict:
-        return optimizer_state(self.optimizer, self._named_trainable(), self.cfg.optimizer, self._steps)
+        return optimizer_state(
+            self.optimizer, self._named_trainable(), self.cfg.optimizer, self._steps
+        )
 
     def load_optimizer_state(self, state: dict) -> None:
-        self._steps = load_optimizer_state(self.optimizer, self._named_trainable(), self.cfg.optimizer, state)
+        self._steps = load_optimizer_state(
+            self.optimizer, self._named_trainable(), self.cfg.optimizer, state
+        )
 
     def rng_state(self) -> dict:
         return rng_state(self._device)

@@ -1,9 +1,9 @@
 """The frozen float32 linears on oneDNN where it beats torch's default CPU sgemm.
 
-Why: torch's x86 wheels do float32 matmuls with MKL, and MKL runs its AVX2 code on AMD CPUs:
-~218 GFLOP/s on two Zen 5 cores, where the oneDNN bundled in the same wheel runs AVX-512
-kernels at 460-500 (a 1880x512 @ 512x1376 product; benchmarks/RESULTS.md).  A LoRA step is
-~85% frozen matmuls (base weights and output head), so that is most of the step.  Only frozen
+Why: torch's x86 wheels do float32 matmuls with MKL, and MKL runs its AVX2 code on AMD CPUs,
+where the oneDNN bundled in the same wheel runs AVX-512 kernels about twice as fast
+(benchmarks/RESULTS.md).  Frozen matmuls (base weights and output head) are most of a LoRA
+step.  Only frozen
 weights move: forward y = x Wᵀ (+ b) and the input gradient dy W run on oneDNN, there is no
 weight gradient, and trainable weights (LoRA, full fine-tuning) keep torch's own autograd.
 
@@ -73,7 +73,10 @@ def choose(weight: torch.Tensor, rows: int) -> tuple:
     if forced:
         if forced == "onednn" and _pointwise() is None:
             return "mkl", "torch default (oneDNN unavailable in this torch)"
-        return forced, f"{'oneDNN' if forced == 'onednn' else 'torch default'} (MLXFT_CPU_MATMUL={forced})"
+        return (
+            forced,
+            f"{'oneDNN' if forced == 'onednn' else 'torch default'} (MLXFT_CPU_MATMUL={forced})",
+        )
     if _pointwise() is None:
         return "mkl", "torch default (no oneDNN in this torch)"
     x = torch.randn(rows, weight.shape[1])
@@ -83,28 +86,40 @@ def choose(weight: torch.Tensor, rows: int) -> tuple:
         default = _rate(lambda: torch.nn.functional.linear(x, w), flops)
         onednn = _rate(lambda: _linear(x, w), flops)
     if onednn > 1.2 * default:
-        return "onednn", f"oneDNN ({onednn:.0f} vs {default:.0f} GFLOP/s for torch's default, measured now)"
+        return (
+            "onednn",
+            f"oneDNN ({onednn:.0f} vs {default:.0f} GFLOP/s for torch's default, measured now)",
+        )
     return "mkl", f"torch default ({default:.0f} vs {onednn:.0f} GFLOP/s for oneDNN, measured now)"
 
 
 def frozen_linears(model: nn.Module) -> list:
     """The float32 CPU nn.Linear modules whose weights do not train."""
-    return [m for m in model.modules() if type(m) is nn.Linear and not m.weight.requires_grad
-            and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+    return [
+        m
+        for m in model.modules()
+        if type(m) is nn.Linear
+        and not m.weight.requires_grad
+        and m.weight.dtype == torch.float32
+        and m.weight.device.type == "cpu"
+    ]
 
 
 def use_onednn(model: nn.Module, rows: int) -> str:
-    """Move the model's frozen float32 linears to oneDNN if that measures faster; a note for the run header."""
+    """Move the model's frozen float32 linears to oneDNN if that measures faster; a note for the
+    run header."""
     linears = frozen_linears(model)
     if not linears:
         return "torch default"
-    # oneDNN caches a primitive per input shape, each holding its own scratch buffers (the weight
-    # in oneDNN's layout: 65 MB for the 40M model's head), and batch lengths vary: at 1x2000 the
-    # cache took peak RSS to 4.6 GB.  Without it: 3.2 GB (MKL: 3.3) and no slower.
+    # oneDNN caches a primitive per input shape, each holding its own scratch buffers (a copy of
+    # the weight in oneDNN's layout), and batch lengths vary, so the cache grows peak memory by
+    # a weight copy per length; without it the step is no slower (benchmarks/RESULTS.md).
     # Read once, when oneDNN first runs; a value the user set wins.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    probe = max((m for m in linears if m is not head), key=lambda m: m.weight.numel(), default=linears[0])
+    probe = max(
+        (m for m in linears if m is not head), key=lambda m: m.weight.numel(), default=linears[0]
+    )
     side, note = choose(probe.weight, max(64, min(rows, 2048)))
     if side == "onednn":
         for module in linears:

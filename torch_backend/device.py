@@ -39,16 +39,23 @@ def pick_device(requested: str | None) -> torch.device:
         raise UserError(f"device must be mps, cuda, cuda:N or cpu, got '{requested}'")
     if kind not in available:
         raise UserError(
-            f"device '{requested}' is not available here (torch {torch.__version__}); available: {', '.join(available)}"
+            f"device '{requested}' is not available here (torch {torch.__version__}); available: "
+            f"{', '.join(available)}"
         )
     if index and int(index) >= torch.cuda.device_count():
-        raise UserError(f"device '{requested}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise UserError(
+            f"device '{requested}' does not exist: this machine has {torch.cuda.device_count()} "
+            f"CUDA device(s)"
+        )
     return torch.device(requested)
 
 
 def _mps_supports(dtype: torch.dtype) -> bool:
     try:  # bfloat16 on MPS needs macOS 14+; the only reliable test is to try
-        (torch.ones(2, 2, device="mps", dtype=dtype) @ torch.ones(2, 2, device="mps", dtype=dtype)).cpu()
+        (
+            torch.ones(2, 2, device="mps", dtype=dtype)
+            @ torch.ones(2, 2, device="mps", dtype=dtype)
+        ).cpu()
         return True
     except (RuntimeError, TypeError):
         return False
@@ -66,11 +73,20 @@ def pick_dtype(requested: str, device: torch.device, stored: str | None = None) 
     if dtype == torch.float32:
         return dtype
     if device.type == "cpu" and dtype == torch.float16:
-        raise UserError("dtype float16 is not supported on the CPU by the torch backend; use float32 or bfloat16")
+        raise UserError(
+            "dtype float16 is not supported on the CPU by the torch backend; use float32 or "
+            "bfloat16"
+        )
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise UserError(f"dtype bfloat16 is not supported by {torch.cuda.get_device_name(device)}; use float16 or float32")
+        raise UserError(
+            f"dtype bfloat16 is not supported by {torch.cuda.get_device_name(device)}; use float16 "
+            f"or float32"
+        )
     if device.type == "mps" and not _mps_supports(dtype):
-        raise UserError(f"dtype {requested} is not supported on this Mac's MPS (bfloat16 needs macOS 14+); use float32")
+        raise UserError(
+            f"dtype {requested} is not supported on this Mac's MPS (bfloat16 needs macOS 14+); use "
+            f"float32"
+        )
     return dtype
 
 

@@ -21,7 +21,9 @@ class DoRALinear(LoRALinear):
     def __init__(self, base: nn.Linear, lora_a, lora_b, scale: float, dropout: float = 0.0):
         super().__init__(base, lora_a, lora_b, scale, dropout)
         with torch.no_grad():
-            self.register_buffer("base_norm_sq", base.weight.float().square().sum(dim=1), persistent=False)
+            self.register_buffer(
+                "base_norm_sq", base.weight.float().square().sum(dim=1), persistent=False
+            )
         self.lora_magnitude_vector = nn.Parameter(self._weight_norm())
 
     @torch.no_grad()
@@ -33,7 +35,8 @@ class DoRALinear(LoRALinear):
         return (self.base_norm_sq + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """PEFT's y + (f - 1) x Wᵀ + f s x Aᵀ Bᵀ, grouped as on MLX: y - x Wᵀ + f (x Wᵀ + s x Aᵀ Bᵀ)."""
+        """PEFT's y + (f - 1) x Wᵀ + f s x Aᵀ Bᵀ, grouped as on MLX: y - x Wᵀ + f (x Wᵀ + s x Aᵀ
+        Bᵀ)."""
         y = self.base(x)
         factor = (self.lora_magnitude_vector / self._weight_norm()).to(x.dtype)
         if isinstance(self.dropout, nn.Dropout) and self.dropout.training:

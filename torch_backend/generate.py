@@ -16,14 +16,19 @@ class KVGeneration:
     def __init__(self, model, device: torch.device):
         self.model, self.device, self.cache = model, device, None
         args = set(inspect.signature(model.forward).parameters)
-        # transformers 5.x renamed `past_key_values` to `cache`; older and remote-code models keep the old name
+        # transformers 5.x renamed `past_key_values` to `cache`; older and remote-code models keep
+        # the old name
         self.cache_arg = "cache" if "cache" in args else "past_key_values"
-        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in args else {}  # only the last position's logits
+        self.extra = (
+            {"logits_to_keep": 1} if "logits_to_keep" in args else {}
+        )  # only the last position's logits
 
     @torch.no_grad()
     def _forward(self, ids: list) -> np.ndarray:
         inputs = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=inputs, use_cache=True, **{self.cache_arg: self.cache}, **self.extra)
+        out = self.model(
+            input_ids=inputs, use_cache=True, **{self.cache_arg: self.cache}, **self.extra
+        )
         self.cache = out[self.cache_arg] if self.cache_arg in out else out.past_key_values
         return out.logits[0, -1].float().cpu().numpy()
 

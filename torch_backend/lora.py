@@ -15,12 +15,23 @@ from torch import nn
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, lora_a: np.ndarray, lora_b: np.ndarray, scale: float, dropout: float = 0.0):
+    def __init__(
+        self,
+        base: nn.Linear,
+        lora_a: np.ndarray,
+        lora_b: np.ndarray,
+        scale: float,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.base = base
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.tensor(np.asarray(lora_a), dtype=torch.float32, device=device))
-        self.lora_B = nn.Parameter(torch.tensor(np.asarray(lora_b), dtype=torch.float32, device=device))
+        self.lora_A = nn.Parameter(
+            torch.tensor(np.asarray(lora_a), dtype=torch.float32, device=device)
+        )
+        self.lora_B = nn.Parameter(
+            torch.tensor(np.asarray(lora_b), dtype=torch.float32, device=device)
+        )
         self.scale = float(scale)
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
 
@@ -31,8 +42,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The adapter path first: when a checkpointed block is recomputed, torch stops as soon as
         # every tensor the backward needs is back, and the base output of the block's last linear
-        # (the MLP's down projection) is not one of them, so its matmul is skipped (-18 of 242
-        # GFLOP in a 4x470 backward on the 40M bench model).  Same sum, same bits.
+        # (the MLP's down projection) is not one of them, so its matmul is skipped.  Same sum,
+        # same bits.
         delta = self.delta(x)
         y = self.base(x)
         return y + delta.to(y.dtype)

@@ -16,6 +16,7 @@ import torch
 
 from mlxft.training.checkpoint import OPTIMIZER_SLOTS, optimizer_slot, optimizer_steps
 
+
 def make_optimizer(cfg, params: list) -> torch.optim.Optimizer:
     """torch's optimizer for `cfg`, with the options `mlxft.config` validated."""
     extra = cfg.optimizer_options
@@ -35,18 +36,24 @@ def optimizer_state(optimizer: torch.optim.Optimizer, named: list, kind: str, st
         for name in OPTIMIZER_SLOTS[kind]:
             value = state.get(name)
             if value is not None:
-                out[f"{key}.{name}"] = value.detach().to("cpu", torch.float32).numpy().copy()  # a snapshot, not a view
+                out[f"{key}.{name}"] = (
+                    value.detach().to("cpu", torch.float32).numpy().copy()
+                )  # a snapshot, not a view
     return out
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, named: list, kind: str, state: dict) -> int:
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, named: list, kind: str, state: dict
+) -> int:
     """Restore what `optimizer_state` wrote; returns the step count."""
     steps = optimizer_steps(state)
     momentum = kind != "sgd" or optimizer.defaults.get("momentum", 0)
     for key, param in named:
         restored = {}
         for name in OPTIMIZER_SLOTS[kind]:
-            value = optimizer_slot(state, f"{key}.{name}", param.shape, bool(steps and momentum), kind)
+            value = optimizer_slot(
+                state, f"{key}.{name}", param.shape, bool(steps and momentum), kind
+            )
             if value is not None:
                 restored[name] = torch.tensor(value, dtype=param.dtype, device=param.device)
         if kind != "sgd" and restored:

@@ -40,7 +40,7 @@ def peft_key(path: str, name: str) -> str:
 
 def split_key(key: str) -> tuple:
     """Inverse of `peft_key`: (module path, lora_A | lora_B | lora_magnitude_vector)."""
-    body = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    body = key[len(PREFIX) :] if key.startswith(PREFIX) else key
     if body.endswith(".weight"):
         body = body[: -len(".weight")]
     path, name = body.rsplit(".", 1)
@@ -58,15 +58,21 @@ def match_adapter_weights(weights: dict, layers: dict, kind: str) -> list:
     for key, value in weights.items():
         path, name = split_key(key)
         if path not in layers or name not in ADAPTER_TENSORS:
-            raise UserError(f"adapter has weights for module '{path}', which this model has no adapter slot for")
+            raise UserError(
+                f"adapter has weights for module '{path}', which this model has no adapter slot for"
+            )
         current = getattr(layers[path], name, None)
         if current is None:
             what = "DoRA" if name == "lora_magnitude_vector" else name
-            raise UserError(f"adapter has {what} weights for module '{path}', which this run's {kind.upper()} layers "
-                            "do not have; set fine_tune_type to match the adapter")
+            raise UserError(
+                f"adapter has {what} weights for module '{path}', which this run's {kind.upper()} "
+                f"layers "
+                "do not have; set fine_tune_type to match the adapter"
+            )
         if tuple(current.shape) != tuple(value.shape):
             raise UserError(
-                f"adapter module '{path}' {name} has shape {tuple(value.shape)}, the model expects {tuple(current.shape)}"
+                f"adapter module '{path}' {name} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(current.shape)}"
             )
         plan.append((layers[path], name, value))
     return plan
@@ -149,17 +155,24 @@ def load_adapter(adapter_dir: Path) -> tuple:
         )
     if not config_path.is_file():
         if (adapter_dir / "config.json").is_file():
-            raise UserError(f"{adapter_dir}: holds a full model (fine_tune_type full), not an adapter; "
-                            f"load it with --model {adapter_dir}")
+            raise UserError(
+                f"{adapter_dir}: holds a full model (fine_tune_type full), not an adapter; "
+                f"load it with --model {adapter_dir}"
+            )
         raise UserError(f"{adapter_dir}: no {CONFIG_NAME}; is this an adapter directory?")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{config_path}:{err.lineno}: invalid JSON ({err.msg})") from None
     if config.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{config_path}: peft_type {config.get('peft_type')} is not supported (LORA only)")
+        raise UserError(
+            f"{config_path}: peft_type {config.get('peft_type')} is not supported (LORA only)"
+        )
     if not weights_path.is_file():
         if (adapter_dir / "adapter_model.bin").is_file():
-            raise UserError(f"{adapter_dir}: adapter_model.bin is a pickle; save it as safetensors (PEFT: safe_serialization=True)")
+            raise UserError(
+                f"{adapter_dir}: adapter_model.bin is a pickle; save it as safetensors (PEFT: "
+                f"safe_serialization=True)"
+            )
         raise UserError(f"{adapter_dir}: no {WEIGHTS_NAME}")
     return config, load_file(str(weights_path))

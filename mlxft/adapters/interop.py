@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -46,7 +45,7 @@ def _linears_from_weights(weights: dict) -> list:
     return [LinearInfo(p, fin, fout) for p, (fin, fout) in shapes.items()]
 
 
-def model_num_blocks(model: Optional[str]) -> Optional[int]:
+def model_num_blocks(model: str | None) -> int | None:
     """Transformer blocks of `model` (a directory or hub id) from its config.json alone, None
     when it cannot be read."""
     if not model:
@@ -69,15 +68,17 @@ def _peft_config(plan, base_model: str, partial: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------- PEFT -> mlx-lm
-def to_mlx_lm(config: dict, weights: dict, num_blocks: Optional[int]) -> tuple:
+def to_mlx_lm(config: dict, weights: dict, num_blocks: int | None) -> tuple:
     """(mlx-lm adapter_config, {mlx-lm key: array}) for a PEFT adapter."""
     plan = plan_from_adapter(_linears_from_weights(weights), num_blocks or 0, config, weights)
     first = plan.layers[0]
     if first == 0:
         num_layers = -1
     elif num_blocks is None:
-        raise UserError(f"the adapter starts at block {first}, and mlx-lm counts adapted blocks from the end: "
-                        "pass --model BASE so the number of blocks is known")
+        raise UserError(
+            f"the adapter starts at block {first}, and mlx-lm counts adapted blocks from the end: "
+            "pass --model BASE so the number of blocks is known"
+        )
     else:
         num_layers = num_blocks - first
     keys = sorted({t.path.split(f"layers.{block_index(t.path)}.", 1)[1] for t in plan.targets})
@@ -85,38 +86,60 @@ def to_mlx_lm(config: dict, weights: dict, num_blocks: Optional[int]) -> tuple:
         "model": config.get("base_model_name_or_path"),
         "fine_tune_type": plan.kind,
         "num_layers": num_layers,
-        "lora_parameters": {"rank": plan.rank, "scale": plan.scale, "dropout": plan.dropout, "keys": keys},
+        "lora_parameters": {
+            "rank": plan.rank,
+            "scale": plan.scale,
+            "dropout": plan.dropout,
+            "keys": keys,
+        },
     }
     mlx_weights = {}
     for key, value in weights.items():
         path, name = split_key(key)
         value = np.asarray(value, dtype=np.float32)
-        mlx_weights[f"{path}.{_TO_MLX[name]}"] = np.ascontiguousarray(value.T if value.ndim == 2 else value)
+        mlx_weights[f"{path}.{_TO_MLX[name]}"] = np.ascontiguousarray(
+            value.T if value.ndim == 2 else value
+        )
     return mlx_config, mlx_weights
 
 
 # ---------------------------------------------------------------------------- mlx-lm -> PEFT
-def from_mlx_lm(mlx_config: dict, mlx_weights: dict, num_blocks: Optional[int], where: str = "adapter") -> tuple:
+def from_mlx_lm(
+    mlx_config: dict, mlx_weights: dict, num_blocks: int | None, where: str = "adapter"
+) -> tuple:
     """(PEFT adapter_config, {PEFT key: array}) for an mlx-lm adapter."""
     kind = mlx_config.get("fine_tune_type", "lora")
     if kind == "full":
-        raise UserError(f"{where}: a full fine-tune (fine_tune_type: full) holds model weights, not an adapter; "
-                        "load it as a model instead")
+        raise UserError(
+            f"{where}: a full fine-tune (fine_tune_type: full) holds model weights, not an "
+            f"adapter; "
+            "load it as a model instead"
+        )
     params = mlx_config.get("lora_parameters")
     if not isinstance(params, dict) or "scale" not in params:
-        raise UserError(f"{where}: adapter_config.json has no lora_parameters.scale; is this an mlx-lm adapter?")
+        raise UserError(
+            f"{where}: adapter_config.json has no lora_parameters.scale; is this an mlx-lm adapter?"
+        )
     weights = {}
     for key, value in mlx_weights.items():
         path, name = key.rsplit(".", 1)
         if name not in _FROM_MLX:
             raise UserError(f"{where}: tensor {key} is not a LoRA/DoRA weight (lora_a, lora_b, m)")
         value = np.asarray(value, dtype=np.float32)
-        weights[peft_key(path, _FROM_MLX[name])] = np.ascontiguousarray(value.T if value.ndim == 2 else value)
+        weights[peft_key(path, _FROM_MLX[name])] = np.ascontiguousarray(
+            value.T if value.ndim == 2 else value
+        )
     rank = next(v.shape[0] for k, v in weights.items() if k.endswith("lora_A.weight"))
-    peft_like = {"r": rank, "lora_alpha": float(params["scale"]) * rank, "lora_dropout": params.get("dropout", 0.0),
-                 "use_dora": kind == "dora"}
+    peft_like = {
+        "r": rank,
+        "lora_alpha": float(params["scale"]) * rank,
+        "lora_dropout": params.get("dropout", 0.0),
+        "use_dora": kind == "dora",
+    }
     layers = sorted({block_index(split_key(k)[0]) for k in weights})
-    plan = plan_from_adapter(_linears_from_weights(weights), num_blocks or layers[-1] + 1, peft_like, weights)
+    plan = plan_from_adapter(
+        _linears_from_weights(weights), num_blocks or layers[-1] + 1, peft_like, weights
+    )
     base = mlx_config.get("model") or ""
     return _peft_config(plan, base, partial=layers[0] > 0 and num_blocks is None), weights
 
@@ -130,8 +153,9 @@ def _write(save_path: Path, write) -> Path:
     return Path(save_path)
 
 
-def export_adapter(adapter_path, save_path, model: Optional[str] = None) -> Path:
-    """Our (PEFT-layout) adapter directory -> an mlx-lm adapter directory that `mlx_lm.load(adapter_path=)` reads."""
+def export_adapter(adapter_path, save_path, model: str | None = None) -> Path:
+    """Our (PEFT-layout) adapter directory -> an mlx-lm adapter directory that
+    `mlx_lm.load(adapter_path=)` reads."""
     from mlxft.fileio import save_safetensors, write_json
 
     config, weights = load_adapter(Path(adapter_path))
@@ -157,8 +181,9 @@ def read_mlx_lm(src: Path) -> tuple:
         raise UserError(f"{config_path}:{err.lineno}: invalid JSON ({err.msg})") from None
 
 
-def import_adapter(src, save_path, model: Optional[str] = None) -> Path:
-    """An mlx-lm or PEFT adapter directory -> our PEFT-layout directory (float32, normalised config)."""
+def import_adapter(src, save_path, model: str | None = None) -> Path:
+    """An mlx-lm or PEFT adapter directory -> our PEFT-layout directory (float32, normalised
+    config)."""
     src = Path(src).expanduser()
     if not src.is_dir():
         raise UserError(f"{src}: adapter directory not found")
@@ -170,9 +195,9 @@ def import_adapter(src, save_path, model: Optional[str] = None) -> Path:
         source_config, weights = load_adapter(src)
         num_blocks = model_num_blocks(model or source_config.get("base_model_name_or_path"))
         layers = sorted({block_index(split_key(k)[0]) for k in weights})
-        plan = plan_from_adapter(_linears_from_weights(weights), num_blocks or layers[-1] + 1, source_config, weights)
+        plan = plan_from_adapter(
+            _linears_from_weights(weights), num_blocks or layers[-1] + 1, source_config, weights
+        )
         partial = num_blocks is None and bool(source_config.get("layers_to_transform"))
         config = _peft_config(plan, source_config.get("base_model_name_or_path") or "", partial)
     return _write(save_path, lambda tmp: save_adapter(tmp, weights, config))
-
-

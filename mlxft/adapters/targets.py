@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -43,7 +42,7 @@ class AdapterPlan:
         return sorted({t.path.rsplit(".", 1)[-1] for t in self.targets})
 
 
-def block_index(path: str) -> Optional[int]:
+def block_index(path: str) -> int | None:
     match = _BLOCK.search(path)
     return int(match.group(1)) if match else None
 
@@ -107,7 +106,8 @@ def select_targets(linears: list, num_blocks: int, cfg) -> AdapterPlan:
             if not any(_matches(i.path, key) for i in in_layers):
                 names = sorted({i.path.split(f".{block_index(i.path)}.", 1)[-1] for i in in_layers})
                 raise UserError(
-                    f"lora_parameters.keys: no linear module matches '{key}'; this model has: {', '.join(names)}"
+                    f"lora_parameters.keys: no linear module matches '{key}'; this model has: "
+                    f"{', '.join(names)}"
                 )
     if not chosen:
         raise UserError("no linear modules to adapt: check num_layers and lora_parameters.keys")
@@ -122,7 +122,9 @@ def select_targets(linears: list, num_blocks: int, cfg) -> AdapterPlan:
     )
 
 
-def plan_from_adapter(linears: list, num_blocks: int, adapter_config: dict, weights: dict) -> AdapterPlan:
+def plan_from_adapter(
+    linears: list, num_blocks: int, adapter_config: dict, weights: dict
+) -> AdapterPlan:
     """The plan that reproduces a saved adapter on this model: targets from the weight keys,
     rank from the shapes, scale = lora_alpha / r (/ sqrt(r) for rsLoRA); init = the saved weights.
 
@@ -135,7 +137,9 @@ def plan_from_adapter(linears: list, num_blocks: int, adapter_config: dict, weig
     for key in sorted(weights):
         path, name = split_key(key)
         if name not in ("lora_A", "lora_B", "lora_magnitude_vector"):
-            raise UserError(f"adapter tensor {key}: {name} is not supported (LoRA/DoRA linear adapters only)")
+            raise UserError(
+                f"adapter tensor {key}: {name} is not supported (LoRA/DoRA linear adapters only)"
+            )
         pairs.setdefault(path, {})[name] = np.asarray(weights[key], dtype=np.float32)
     if not pairs:
         raise UserError("the adapter has no weights")
@@ -146,20 +150,30 @@ def plan_from_adapter(linears: list, num_blocks: int, adapter_config: dict, weig
     for path, found in pairs.items():
         if "lora_A" not in found or "lora_B" not in found:
             missing = "lora_A" if "lora_A" not in found else "lora_B"
-            raise UserError(f"adapter module {path} has no {missing} weight; the adapter file is incomplete")
+            raise UserError(
+                f"adapter module {path} has no {missing} weight; the adapter file is incomplete"
+            )
         info = by_path.get(path)
         if info is None:
             names = sorted({p.split(f".{block_index(p)}.", 1)[-1] for p in by_path})
-            raise UserError(f"adapter module {path} is not a linear module of this model (it has: {', '.join(names)}); "
-                            "was the adapter trained on a different base model?")
+            raise UserError(
+                f"adapter module {path} is not a linear module of this model (it has: "
+                f"{', '.join(names)}); "
+                "was the adapter trained on a different base model?"
+            )
         r = found["lora_A"].shape[0]
         rank = r if rank is None else rank
-        expected = {"lora_A": (rank, info.in_features), "lora_B": (info.out_features, rank),
-                    "lora_magnitude_vector": (info.out_features,)}
+        expected = {
+            "lora_A": (rank, info.in_features),
+            "lora_B": (info.out_features, rank),
+            "lora_magnitude_vector": (info.out_features,),
+        }
         for name, value in found.items():
             if tuple(value.shape) != expected[name]:
-                raise UserError(f"adapter module {path} {name} has shape {tuple(value.shape)}, "
-                                f"the model expects {expected[name]}")
+                raise UserError(
+                    f"adapter module {path} {name} has shape {tuple(value.shape)}, "
+                    f"the model expects {expected[name]}"
+                )
     r = int(adapter_config.get("r", rank))
     if r != rank:
         raise UserError(f"adapter_config.json: r = {r}, but the weights have rank {rank}")

@@ -52,7 +52,9 @@ def parse_backends(text: str | None) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     for name in names:
         if name not in BACKENDS:
-            raise UserError(f"--backends: unknown backend '{name}'; choose from {', '.join(BACKENDS)}")
+            raise UserError(
+                f"--backends: unknown backend '{name}'; choose from {', '.join(BACKENDS)}"
+            )
         reason = available(name)
         if reason:
             raise UserError(f"--backends: backend '{name}' is unavailable: {reason}")
@@ -66,8 +68,12 @@ def run_worker(spec: dict, timeout: float | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="mlxft-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, "-m", "mlxft.bench.worker", str(spec_path), str(out_path)],
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlxft.bench.worker", str(spec_path), str(out_path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if out_path.exists():
             result = json.loads(out_path.read_text())
         else:
@@ -82,20 +88,40 @@ def summarize(raw: dict, warmup: int) -> dict:
     """Steady-state figures from one worker's per-step record."""
     seconds = np.asarray(raw["seconds"][warmup:])
     tokens = np.asarray(raw["tokens"][warmup:])
-    out = {k: raw[k] for k in ("backend", "device", "dtype", "peak_memory_gb", "peak_rss_gb", "load_seconds",
-                               "trainable_parameters", "total_parameters", "versions") if k in raw}
+    out = {
+        k: raw[k]
+        for k in (
+            "backend",
+            "device",
+            "dtype",
+            "peak_memory_gb",
+            "peak_rss_gb",
+            "load_seconds",
+            "trainable_parameters",
+            "total_parameters",
+            "versions",
+        )
+        if k in raw
+    }
     if "blas" in raw:
         out["blas"] = raw["blas"]
     out.update(
         tokens_per_second=float(tokens.sum() / seconds.sum()),
-        step_time={"median": float(np.median(seconds)), "p10": float(np.percentile(seconds, 10)),
-                   "p90": float(np.percentile(seconds, 90)), "mean": float(seconds.mean())},
+        step_time={
+            "median": float(np.median(seconds)),
+            "p10": float(np.percentile(seconds, 10)),
+            "p90": float(np.percentile(seconds, 90)),
+            "mean": float(seconds.mean()),
+        },
         warmup_seconds=float(sum(raw["seconds"][:warmup])),
         first_step_seconds=float(raw["seconds"][0]),
-        first_loss=raw["loss"][0], last_loss=raw["loss"][-1],
+        first_loss=raw["loss"][0],
+        last_loss=raw["loss"][-1],
         trained_tokens=int(sum(raw["tokens"])),
         padding_fraction=1.0 - sum(raw["tokens"]) / max(1, sum(raw["positions"])),
-        losses=raw["loss"], step_seconds=raw["seconds"], step_tokens=raw["tokens"],
+        losses=raw["loss"],
+        step_seconds=raw["seconds"],
+        step_tokens=raw["tokens"],
     )
     return out
 
@@ -110,32 +136,54 @@ def loss_difference(results: dict) -> dict | None:
     for name in names[1:]:
         other = np.asarray(results[name]["losses"])
         diff = other - ref
-        out[f"{name}-{names[0]}"] = {"first": float(diff[0]), "last": float(diff[-1]),
-                                     "max_abs": float(np.abs(diff).max())}
+        out[f"{name}-{names[0]}"] = {
+            "first": float(diff[0]),
+            "last": float(diff[-1]),
+            "max_abs": float(np.abs(diff).max()),
+        }
     return out
 
 
 def settings_of(cfg) -> dict:
     p = cfg.lora_parameters
-    return {"model": cfg.model, "data": cfg.data, "fine_tune_type": cfg.fine_tune_type, "batch_size": cfg.batch_size,
-            "grad_accumulation_steps": cfg.grad_accumulation_steps, "max_seq_length": cfg.max_seq_length,
-            "learning_rate": cfg.learning_rate, "optimizer": cfg.optimizer, "num_layers": cfg.num_layers,
-            "rank": p["rank"], "alpha": p["alpha"], "keys": p["keys"], "grad_checkpoint": cfg.grad_checkpoint,
-            "dtype": cfg.dtype, "seed": cfg.seed}
+    return {
+        "model": cfg.model,
+        "data": cfg.data,
+        "fine_tune_type": cfg.fine_tune_type,
+        "batch_size": cfg.batch_size,
+        "grad_accumulation_steps": cfg.grad_accumulation_steps,
+        "max_seq_length": cfg.max_seq_length,
+        "learning_rate": cfg.learning_rate,
+        "optimizer": cfg.optimizer,
+        "num_layers": cfg.num_layers,
+        "rank": p["rank"],
+        "alpha": p["alpha"],
+        "keys": p["keys"],
+        "grad_checkpoint": cfg.grad_checkpoint,
+        "dtype": cfg.dtype,
+        "seed": cfg.seed,
+    }
 
 
 def table(report: dict) -> list[str]:
-    header = (f"{'backend':<8}{'device':<8}{'dtype':<10}{'tok/s':>9}{'step ms (p10-p90)':>22}"
-              f"{'peak GB':>9}{'RSS GB':>8}{'loss first':>11}{'last':>8}")
+    header = (
+        f"{'backend':<8}{'device':<8}{'dtype':<10}{'tok/s':>9}{'step ms (p10-p90)':>22}"
+        f"{'peak GB':>9}{'RSS GB':>8}{'loss first':>11}{'last':>8}"
+    )
     lines = [header, "-" * len(header)]
     for name, r in report["backends"].items():
         st = r["step_time"]
         spread = f"{1e3 * st['median']:.0f} ({1e3 * st['p10']:.0f}-{1e3 * st['p90']:.0f})"
-        lines.append(f"{name:<8}{r['device']:<8}{r['dtype']:<10}{r['tokens_per_second']:>9.0f}{spread:>22}"
-                     f"{r['peak_memory_gb']:>9.3f}{r['peak_rss_gb']:>8.2f}{r['first_loss']:>11.4f}{r['last_loss']:>8.4f}")
+        lines.append(
+            f"{name:<8}{r['device']:<8}{r['dtype']:<10}{r['tokens_per_second']:>9.0f}{spread:>22}"
+            f"{r['peak_memory_gb']:>9.3f}{r['peak_rss_gb']:>8.2f}{r['first_loss']:>11.4f}{r['last_loss']:>8.4f}"
+        )
     for pair, d in (report.get("loss_difference") or {}).items():
-        lines.append(f"loss difference {pair}: first {d['first']:+.2e}, last {d['last']:+.2e}, "
-                     f"max |diff| over {len(next(iter(report['backends'].values()))['losses'])} steps {d['max_abs']:.2e}")
+        lines.append(
+            f"loss difference {pair}: first {d['first']:+.2e}, last {d['last']:+.2e}, "
+            f"max |diff| over {len(next(iter(report['backends'].values()))['losses'])} steps "
+            f"{d['max_abs']:.2e}"
+        )
     if len(report["backends"]) >= 2:
         rates = {n: r["tokens_per_second"] for n, r in report["backends"].items()}
         first = next(iter(rates))
@@ -157,13 +205,26 @@ def plot(report: dict, path: Path) -> bool:
     except ImportError:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, (name, r) in enumerate(report["backends"].items()):  # dashed after the first: curves may coincide
-        left.plot(range(1, len(r["losses"]) + 1), r["losses"], "-" if i == 0 else "--", label=f"{name} ({r['device']})")
+    for i, (name, r) in enumerate(
+        report["backends"].items()
+    ):  # dashed after the first: curves may coincide
+        left.plot(
+            range(1, len(r["losses"]) + 1),
+            r["losses"],
+            "-" if i == 0 else "--",
+            label=f"{name} ({r['device']})",
+        )
     left.set(xlabel="step", ylabel="train loss", title="Loss per step")
     left.legend()
     names = list(report["backends"])
-    right.bar(names, [report["backends"][n]["tokens_per_second"] for n in names], color=["#4C72B0", "#DD8452"][: len(names)])
-    right.set(ylabel="trained tokens / s", title=f"Throughput (after {report['warmup']} warm-up steps)")
+    right.bar(
+        names,
+        [report["backends"][n]["tokens_per_second"] for n in names],
+        color=["#4C72B0", "#DD8452"][: len(names)],
+    )
+    right.set(
+        ylabel="trained tokens / s", title=f"Throughput (after {report['warmup']} warm-up steps)"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -171,8 +232,14 @@ def plot(report: dict, path: Path) -> bool:
     return True
 
 
-def bench(config: str | None, backends: list[str], steps: int | None, warmup: int,
-          overrides: dict | None = None, echo=click.echo) -> dict:
+def bench(
+    config: str | None,
+    backends: list[str],
+    steps: int | None,
+    warmup: int,
+    overrides: dict | None = None,
+    echo=click.echo,
+) -> dict:
     """Run every backend in turn and return the report (also what --json writes)."""
     from mlxft.config import build_config
 
@@ -184,14 +251,25 @@ def bench(config: str | None, backends: list[str], steps: int | None, warmup: in
     if cfg.model is None or cfg.data is None:
         raise UserError(f"{config or 'bench'}: the config needs 'model' and 'data'")
     if ".cache/bench-" in cfg.model and not Path(cfg.model).exists():
-        raise UserError(f"{cfg.model}: the benchmark model is not built yet; run: python benchmarks/make_bench_model.py")
+        raise UserError(
+            f"{cfg.model}: the benchmark model is not built yet; run: python "
+            f"benchmarks/make_bench_model.py"
+        )
     results = {}
     for name in backends:
         echo(f"[{name}] {steps} steps ({warmup} warm-up) in a fresh process ...")
         spec = {"config": config, "overrides": overrides, "backend": name, "steps": steps}
         results[name] = summarize(run_worker(spec), warmup)
     return {
-        "config": config, "settings": settings_of(cfg), "steps": steps, "warmup": warmup,
-        "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count()},
-        "backends": results, "loss_difference": loss_difference(results),
+        "config": config,
+        "settings": settings_of(cfg),
+        "steps": steps,
+        "warmup": warmup,
+        "machine": {
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+        },
+        "backends": results,
+        "loss_difference": loss_difference(results),
     }

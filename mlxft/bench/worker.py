@@ -3,7 +3,8 @@
     python -m mlxft.bench.worker SPEC.json OUT.json
 
 A fresh process per backend keeps one framework's allocator caches, threads and peak RSS out of
-the other's figures.  The work is the real trainer's: `mlxft.training.session.Session` loads the model,
+the other's figures.  The work is the real trainer's: `mlxft.training.session.Session` loads the
+model,
 data and adapters; the steps are the trainer's own (`Session.steps`: its batch stream, the
 schedule's learning rate, the backend's `train_step`), so both backends see identical
 batches from identical LoRA weights.  Validation and file writing are left out: only steps
@@ -44,7 +45,11 @@ def _versions(backend: str) -> dict:
         import torch
         import transformers
 
-        out.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads())
+        out.update(
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            torch_threads=torch.get_num_threads(),
+        )
     return out
 
 
@@ -56,8 +61,14 @@ def run(spec: dict) -> dict:
 
     overrides = dict(spec.get("overrides") or {})
     with tempfile.TemporaryDirectory(prefix="mlxft-bench-") as scratch:
-        overrides.update(backend=spec["backend"], train=True, test=False, iters=spec["steps"],
-                         adapter_path=str(Path(scratch) / "adapter"), resume_adapter_file=None)
+        overrides.update(
+            backend=spec["backend"],
+            train=True,
+            test=False,
+            iters=spec["steps"],
+            adapter_path=str(Path(scratch) / "adapter"),
+            resume_adapter_file=None,
+        )
         cfg = build_config(spec.get("config"), overrides)
         tic = time.perf_counter()
         session = Session(cfg, reporter_quiet=True)
@@ -73,10 +84,17 @@ def run(spec: dict) -> dict:
             steps["positions"].append(int(step.positions))
         trainable, total = backend.parameter_counts()
         result = {
-            "backend": backend.name, "device": backend.device, "dtype": backend.dtype,
-            "load_seconds": load_seconds, "peak_memory_gb": backend.peak_memory_gb(), "peak_rss_gb": peak_rss_gb(),
-            "trainable_parameters": trainable, "total_parameters": total,
-            "num_blocks": backend.num_blocks(), "versions": _versions(backend.name), **steps,
+            "backend": backend.name,
+            "device": backend.device,
+            "dtype": backend.dtype,
+            "load_seconds": load_seconds,
+            "peak_memory_gb": backend.peak_memory_gb(),
+            "peak_rss_gb": peak_rss_gb(),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "num_blocks": backend.num_blocks(),
+            "versions": _versions(backend.name),
+            **steps,
         }
         if backend.name == "mlx" and backend.device == "cpu":
             from mlxft.cpu import blas

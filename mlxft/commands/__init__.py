@@ -1,1 +1,2 @@
-"""The `mlxft` subcommands, one module per command family; `mlxft.cli` registers them and none imports it."""
+"""The `mlxft` subcommands, one module per command family; `mlxft.cli` registers them and none
+imports it."""

@@ -11,19 +11,39 @@ from mlxft.errors import UserError, user_errors
 
 
 @click.command("bench")
-@click.option("-c", "--config", type=click.Path(dir_okay=False), required=True,
-              help="Training YAML (model, data, lora_parameters, batch_size, ...).")
-@click.option("--backends", help="Comma-separated, e.g. mlx,torch (default: every backend available here).")
-@click.option("--steps", type=int, help="Optimizer steps per backend (default 20; the config's iters is not used).")
-@click.option("--warmup", type=int, default=2, show_default=True, help="Leading steps left out of the rates.")
+@click.option(
+    "-c",
+    "--config",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Training YAML (model, data, lora_parameters, batch_size, ...).",
+)
+@click.option(
+    "--backends", help="Comma-separated, e.g. mlx,torch (default: every backend available here)."
+)
+@click.option(
+    "--steps",
+    type=int,
+    help="Optimizer steps per backend (default 20; the config's iters is not used).",
+)
+@click.option(
+    "--warmup", type=int, default=2, show_default=True, help="Leading steps left out of the rates."
+)
 @click.option("--model", help="Override the config's model.")
 @click.option("--data", help="Override the config's data.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
-              help="Write loss curves + throughput as PNG (needs matplotlib: pip install 'mlxft[plot]').")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON."
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    help="Write loss curves + throughput as PNG (needs matplotlib: pip install 'mlxft[plot]').",
+)
 @user_errors
 def bench_command(config, backends, steps, warmup, model, data, json_path, plot_path):
-    """Benchmark training on each backend (same batches, same start weights), one fresh process each."""
+    """Benchmark training on each backend (same batches, same start weights), one fresh process
+    each."""
     if warmup < 0:
         raise UserError("--warmup must be >= 0")
     if steps is not None and steps < 1:

@@ -9,23 +9,56 @@ from mlxft.errors import UserError, user_errors
 
 @click.command()
 @click.option(
-    "--hf-path", "--model", "hf_path", help="HF model: directory or hub id (input); with --to-hf: output directory."
+    "--hf-path",
+    "--model",
+    "hf_path",
+    help="HF model: directory or hub id (input); with --to-hf: output directory.",
 )
-@click.option("--mlx-path", help="MLX model directory: output (default mlx_model); with --to-hf: input.")
 @click.option(
-    "--to-hf", is_flag=True, help="Reverse: MLX directory (--mlx-path) -> HF directory (--hf-path), de-quantizing."
+    "--mlx-path", help="MLX model directory: output (default mlx_model); with --to-hf: input."
+)
+@click.option(
+    "--to-hf",
+    is_flag=True,
+    help="Reverse: MLX directory (--mlx-path) -> HF directory (--hf-path), de-quantizing.",
 )
 @click.option("-q", "--quantize", is_flag=True, help="Quantize the weights (affine, mlx-lm).")
-@click.option("--q-bits", type=int, default=4, show_default=True, help="Bits per weight: 2, 3, 4, 5, 6 or 8.")
-@click.option("--q-group-size", type=int, default=64, show_default=True, help="Quantization group size: 32, 64 or 128.")
-@click.option("--dtype", help="float16 | bfloat16 | float32 for the unquantized tensors (default: the config's dtype).")
 @click.option(
-    "--allow-pickle", is_flag=True, help="Accept pytorch_model.bin/*.pt weights (pickle runs code: trust the source)."
+    "--q-bits", type=int, default=4, show_default=True, help="Bits per weight: 2, 3, 4, 5, 6 or 8."
+)
+@click.option(
+    "--q-group-size",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Quantization group size: 32, 64 or 128.",
+)
+@click.option(
+    "--dtype",
+    help="float16 | bfloat16 | float32 for the unquantized tensors (default: the config's dtype).",
+)
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Accept pytorch_model.bin/*.pt weights (pickle runs code: trust the source).",
 )
 @click.option("--revision", help="Hub revision (branch, tag or commit) of --hf-path.")
-@click.option("--upload-repo", help="Push the output directory to this Hugging Face repo (org/name).")
+@click.option(
+    "--upload-repo", help="Push the output directory to this Hugging Face repo (org/name)."
+)
 @user_errors
-def convert(hf_path, mlx_path, to_hf, quantize, q_bits, q_group_size, dtype, allow_pickle, revision, upload_repo):
+def convert(
+    hf_path,
+    mlx_path,
+    to_hf,
+    quantize,
+    q_bits,
+    q_group_size,
+    dtype,
+    allow_pickle,
+    revision,
+    upload_repo,
+):
     """Convert between Hugging Face and MLX model directories.
 
     \b
@@ -41,16 +74,31 @@ def convert(hf_path, mlx_path, to_hf, quantize, q_bits, q_group_size, dtype, all
 
     if to_hf:
         if not mlx_path or not hf_path:
-            raise UserError("--to-hf needs --mlx-path (the MLX model to read) and --hf-path (the directory to write)")
+            raise UserError(
+                "--to-hf needs --mlx-path (the MLX model to read) and --hf-path (the directory to "
+                "write)"
+            )
         if quantize or allow_pickle or revision:
-            raise UserError("--to-hf writes a de-quantized HF model; -q, --allow-pickle and --revision do not apply")
+            raise UserError(
+                "--to-hf writes a de-quantized HF model; -q, --allow-pickle and --revision do not "
+                "apply"
+            )
         out = mlx_to_hf(mlx_path, hf_path, dtype=dtype)
     else:
         if not hf_path:
-            raise UserError("--hf-path is required: a HF model directory or hub id (or pass --to-hf to go MLX -> HF)")
+            raise UserError(
+                "--hf-path is required: a HF model directory or hub id (or pass --to-hf to go MLX "
+                "-> HF)"
+            )
         out = to_mlx(
-            hf_path, mlx_path or "mlx_model", quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
-            dtype=dtype, revision=revision, allow_pickle=allow_pickle,
+            hf_path,
+            mlx_path or "mlx_model",
+            quantize=quantize,
+            q_bits=q_bits,
+            q_group_size=q_group_size,
+            dtype=dtype,
+            revision=revision,
+            allow_pickle=allow_pickle,
         )
     click.echo(f"Wrote {out}")
     url = upload(out, upload_repo)

@@ -21,7 +21,9 @@ def info():
     click.echo(
         f"mlxft {mlxft.__version__}  python {platform.python_version()}  {platform.platform()}"
     )
-    click.echo(f"mlx {mx.__version__}  device {mx.default_device()}  metal {mx.metal.is_available()}")
+    click.echo(
+        f"mlx {mx.__version__}  device {mx.default_device()}  metal {mx.metal.is_available()}"
+    )
     click.echo(f"BLAS: {blas.status()}")
     try:
         import mlx_lm

@@ -10,9 +10,21 @@ from mlxft.errors import UserError, user_errors
 
 def _lora_overrides(kw: dict) -> dict:
     """CLI flags -> config keys (flags named as in mlx-lm; a flag beats its YAML key)."""
-    out = {k: v for k, v in kw.items() if k not in ("config", "rank", "alpha", "dropout", "lora_keys", "warmup")}
-    lora = {k: v for k, v in (("rank", kw["rank"]), ("alpha", kw["alpha"]), ("dropout", kw["dropout"]),
-                              ("keys", list(kw["lora_keys"]) or None)) if v is not None}
+    out = {
+        k: v
+        for k, v in kw.items()
+        if k not in ("config", "rank", "alpha", "dropout", "lora_keys", "warmup")
+    }
+    lora = {
+        k: v
+        for k, v in (
+            ("rank", kw["rank"]),
+            ("alpha", kw["alpha"]),
+            ("dropout", kw["dropout"]),
+            ("keys", list(kw["lora_keys"]) or None),
+        )
+        if v is not None
+    }
     if kw.get("warmup") is not None:
         out["lr_schedule"] = {"name": kw.get("lr_schedule") or "constant", "warmup": kw["warmup"]}
     for flag in ("train", "test", "mask_prompt", "grad_checkpoint", "trust_remote_code", "resume"):
@@ -22,19 +34,31 @@ def _lora_overrides(kw: dict) -> dict:
 
 
 @click.command()
-@click.option("-c", "--config", help="YAML config, or a recipe's name (`mlxft recipes`); flags override its keys.")
+@click.option(
+    "-c",
+    "--config",
+    help="YAML config, or a recipe's name (`mlxft recipes`); flags override its keys.",
+)
 @click.option("--model", help="Local model directory or Hugging Face hub id.")
 @click.option("--data", help="Directory with train/valid[/test].jsonl, or one .jsonl/.json file.")
 @click.option("--train", is_flag=True, default=None, help="Fine-tune.")
-@click.option("--test", is_flag=True, default=None, help="Report loss and perplexity on the test split.")
-@click.option("--backend", type=click.Choice(["mlx", "torch"]), help="Tensor backend (default mlx).")
+@click.option(
+    "--test", is_flag=True, default=None, help="Report loss and perplexity on the test split."
+)
+@click.option(
+    "--backend", type=click.Choice(["mlx", "torch"]), help="Tensor backend (default mlx)."
+)
 @click.option("--device", help="torch backend: mps, cuda or cpu (default: best available).")
 @click.option("--fine-tune-type", type=click.Choice(["lora", "dora", "full"]))
 @click.option("--num-layers", type=int, help="Adapt the last N transformer blocks (-1: all).")
 @click.option("--rank", type=int, help="LoRA rank (lora_parameters.rank).")
 @click.option("--alpha", type=float, help="LoRA alpha; scale = alpha / rank.")
 @click.option("--dropout", type=float, help="LoRA dropout.")
-@click.option("--lora-keys", multiple=True, help="Module to adapt (repeatable), e.g. --lora-keys q_proj --lora-keys v_proj.")
+@click.option(
+    "--lora-keys",
+    multiple=True,
+    help="Module to adapt (repeatable), e.g. --lora-keys q_proj --lora-keys v_proj.",
+)
 @click.option("--batch-size", type=int)
 @click.option("--iters", type=int, help="Optimizer steps.")
 @click.option("--epochs", type=int, help="Epochs (when --iters is not given).")
@@ -44,8 +68,12 @@ def _lora_overrides(kw: dict) -> dict:
 @click.option("--optimizer", type=click.Choice(["adamw", "adam", "sgd"]))
 @click.option("--weight-decay", type=float)
 @click.option("--grad-accumulation-steps", type=int)
-@click.option("--grad-checkpoint", is_flag=True, default=None, help="Recompute activations to save memory.")
-@click.option("--mask-prompt", is_flag=True, default=None, help="Train only on completions / assistant turns.")
+@click.option(
+    "--grad-checkpoint", is_flag=True, default=None, help="Recompute activations to save memory."
+)
+@click.option(
+    "--mask-prompt", is_flag=True, default=None, help="Train only on completions / assistant turns."
+)
 @click.option("--max-seq-length", type=int)
 @click.option("--steps-per-report", type=int)
 @click.option("--steps-per-eval", type=int)
@@ -53,19 +81,42 @@ def _lora_overrides(kw: dict) -> dict:
 @click.option("--test-batches", type=int)
 @click.option("--save-every", type=int)
 @click.option("--adapter-path", help="Output directory for the adapter (default ./adapters).")
-@click.option("--resume-adapter-file", help="Start a NEW run from an existing adapter's weights (step 0, fresh optimizer).")
-@click.option("--resume", is_flag=True, default=None,
-              help="Continue the interrupted run in --adapter-path from its latest checkpoint, exactly (weights, "
-                   "optimizer, step, data position, RNG).")
-@click.option("--resume-from", type=click.Path(file_okay=False),
-              help="Continue from this checkpoint directory (adapter_path/checkpoints/step-NNNNNNN).")
+@click.option(
+    "--resume-adapter-file",
+    help="Start a NEW run from an existing adapter's weights (step 0, fresh optimizer).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    default=None,
+    help="Continue the interrupted run in --adapter-path from its latest checkpoint, exactly "
+    "(weights, optimizer, step, data position, RNG).",
+)
+@click.option(
+    "--resume-from",
+    type=click.Path(file_okay=False),
+    help="Continue from this checkpoint directory (adapter_path/checkpoints/step-NNNNNNN).",
+)
 @click.option("--keep-checkpoints", type=int, help="Checkpoints kept (newest; default 3).")
 @click.option("--grad-clip", type=float, help="Clip the global gradient norm to this value.")
-@click.option("--revision", help="Hub model: the branch, tag or commit to download (pin it for reproducible runs).")
-@click.option("--dry-run", is_flag=True, help="Print the memory plan (from config, data and model metadata) and exit.")
+@click.option(
+    "--revision",
+    help="Hub model: the branch, tag or commit to download (pin it for reproducible runs).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the memory plan (from config, data and model metadata) and exit.",
+)
 @click.option("--seed", type=int)
-@click.option("--quantize", type=click.Choice(["4", "8"]), help="QLoRA: quantize the base model on load.")
-@click.option("--q-group-size", type=click.Choice(["32", "64", "128"]), help="QLoRA quantization group size (default 64).")
+@click.option(
+    "--quantize", type=click.Choice(["4", "8"]), help="QLoRA: quantize the base model on load."
+)
+@click.option(
+    "--q-group-size",
+    type=click.Choice(["32", "64", "128"]),
+    help="QLoRA quantization group size (default 64).",
+)
 @click.option("--trust-remote-code", is_flag=True, default=None)
 @user_errors
 def lora(**kw):

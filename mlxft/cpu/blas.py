@@ -1,8 +1,9 @@
 """Give MLX an optimized BLAS on Linux before `mlx.core` is first imported.
 
-Why: the Linux `mlx[cpu]` wheel links a netlib *reference* BLAS (~8 GFLOP/s on a 1024²
-sgemm).  MLX resolves `cblas_sgemm` through the dynamic linker, so an OpenBLAS loaded
-process-wide (RTLD_GLOBAL) before `libmlx.so` takes over every matmul (~230 GFLOP/s here).
+Why: the Linux `mlx[cpu]` wheel links a netlib *reference* BLAS, an order of magnitude slower
+than an optimized one (benchmarks/RESULTS.md).  MLX resolves `cblas_sgemm` through the dynamic
+linker, so an OpenBLAS loaded process-wide (RTLD_GLOBAL) before `libmlx.so` takes over every
+matmul.
 
 The OpenBLAS comes from the `ngsolve-openblas` wheel (plain `cblas_*` symbols, BSD-3).  Its
 only system dependency is `libgfortran.so.5`, which many machines lack; the `mlx[cpu]` wheel
@@ -121,7 +122,12 @@ def _describe(lib: ctypes.CDLL) -> str:
     # OpenBLAS picks its kernels by CPU model unless told: a forced older core type (some machines
     # set one for old OpenBLAS builds) can halve sgemm speed, e.g. AVX2 kernels on an AVX-512 CPU
     forced = os.environ.get("OPENBLAS_CORETYPE")
-    return " ".join(config[:2]) + f", {core} kernels" + (" (set by OPENBLAS_CORETYPE)" if forced else "") + f", {threads} threads"
+    return (
+        " ".join(config[:2])
+        + f", {core} kernels"
+        + (" (set by OPENBLAS_CORETYPE)" if forced else "")
+        + f", {threads} threads"
+    )
 
 
 def ensure() -> str:
@@ -153,6 +159,6 @@ def ensure() -> str:
             return _STATE["name"]
         except OSError as err:
             errors.append(f"{os.path.basename(candidate)}: {err}")
-    reason = "; ".join(errors) or "pip install ngsolve-openblas for ~30x faster CPU matmuls"
+    reason = "; ".join(errors) or "pip install ngsolve-openblas for much faster CPU matmuls"
     _STATE.update(name="reference BLAS", detail=reason)
     return _STATE["name"]

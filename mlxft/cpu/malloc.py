@@ -3,12 +3,10 @@
 Why: MLX's CPU allocator caches at most 32 MB of freed buffers and hands the rest to
 `malloc`/`free`, and torch's CPU allocator calls them directly.  glibc serves every block above
 its mmap threshold (a few MB) with a fresh `mmap` and returns it with `munmap` on free, so each
-training step page-faults its activations in again: on the 40M bench model a third of the MLX
-step and 40% of the torch step was kernel time, and MLX's elementwise ops on 30 MB arrays ran at
-~550 M elements/s instead of ~5,000.  Raising glibc's
-mmap and trim thresholds keeps those pages in the heap for the next step (measured in
-benchmarks/RESULTS.md).  Raising MLX's own cache limit instead did not help (its cache holds
-buffers by size class and still returned them through free).
+training step page-faults its activations in again, and kernel time becomes a large share of
+the step.  Raising glibc's mmap and trim thresholds keeps those pages in the heap for the next
+step (benchmarks/RESULTS.md has the figures).  Raising MLX's own cache limit instead did not
+help (its cache holds buffers by size class and still returned them through free).
 
 The cost is resident memory: what a step freed stays mapped until the process exits (peak RSS
 near the framework's peak instead of below it between steps).  Linux with glibc only (musl and

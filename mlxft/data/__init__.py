@@ -8,10 +8,24 @@ its target mask and its batch order are identical whichever backend runs.
                             pad_id=pad_token_id(tokenizer))
 """
 
-from mlxft.data.batching import Batch, epoch_batches, eval_batches, head_rows, make_batch, padding_fraction
+from mlxft.data.batching import (
+    Batch,
+    epoch_batches,
+    eval_batches,
+    head_rows,
+    make_batch,
+    padding_fraction,
+)
 from mlxft.data.loader import Split, load_splits, pad_token_id
 
 __all__ = [
-    "Batch", "Split", "load_splits", "epoch_batches", "eval_batches", "padding_fraction",
-    "pad_token_id", "make_batch", "head_rows",
+    "Batch",
+    "Split",
+    "load_splits",
+    "epoch_batches",
+    "eval_batches",
+    "padding_fraction",
+    "pad_token_id",
+    "make_batch",
+    "head_rows",
 ]

@@ -16,9 +16,9 @@ from mlxft import flags
 
 @dataclass
 class Batch:
-    inputs: np.ndarray   # (B, T) int32 = tokens[:, :-1], padded
+    inputs: np.ndarray  # (B, T) int32 = tokens[:, :-1], padded
     targets: np.ndarray  # (B, T) int32 = tokens[:, 1:], padded
-    mask: np.ndarray     # (B, T) float32, 1.0 where targets[b, t] is trained
+    mask: np.ndarray  # (B, T) float32, 1.0 where targets[b, t] is trained
     lengths: np.ndarray  # (B,) int32 token count of each example before padding
 
     @property
@@ -63,8 +63,6 @@ def head_rows(mask: np.ndarray, multiple: int = 1, most: float = 0.95):
     return rows.astype(np.int32)
 
 
-
-
 def _chunks(split, batch_size: int) -> list[np.ndarray]:
     lengths = np.array([len(s) for s in split.sequences])
     order = np.argsort(lengths, kind="stable")
@@ -72,11 +70,17 @@ def _chunks(split, batch_size: int) -> list[np.ndarray]:
 
 
 def _build(split, chunks, pad_id) -> list:
-    return [make_batch([split.sequences[i] for i in c], [split.masks[i] for i in c], pad_id) for c in chunks]
+    return [
+        make_batch([split.sequences[i] for i in c], [split.masks[i] for i in c], pad_id)
+        for c in chunks
+    ]
 
 
-def epoch_batches(split, batch_size: int, *, seed: int, epoch: int, pad_id: int, shuffle: bool = True) -> list:
-    """All batches of one epoch: sorted by length, chunked, batch order permuted by (seed, epoch)."""
+def epoch_batches(
+    split, batch_size: int, *, seed: int, epoch: int, pad_id: int, shuffle: bool = True
+) -> list:
+    """All batches of one epoch: sorted by length, chunked, batch order permuted by (seed,
+    epoch)."""
     chunks = _chunks(split, batch_size)
     if shuffle:
         perm = np.random.default_rng((seed, epoch)).permutation(len(chunks))
@@ -92,7 +96,9 @@ def eval_batches(split, batch_size: int, pad_id: int, limit: int = -1) -> list:
     """
     chunks = _chunks(split, batch_size)
     if 0 <= limit < len(chunks):
-        picks = ((np.arange(limit) + 0.5) * len(chunks) / limit).astype(int)  # centres of equal strata
+        picks = ((np.arange(limit) + 0.5) * len(chunks) / limit).astype(
+            int
+        )  # centres of equal strata
         chunks = [chunks[i] for i in picks]
     return _build(split, chunks, pad_id)
 

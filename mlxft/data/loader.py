@@ -24,13 +24,13 @@ SPLITS = ("train", "valid", "test")
 
 @dataclass
 class Split:
-    name: str                    # train | valid | test
-    source: str                  # file path, for messages
-    sequences: list              # int32 token ids per example, after truncation
-    masks: list                  # bool per token: True where that token is a target (token 0 never)
-    truncated: int               # examples cut to max_seq_length
-    format: str                  # text | completion | chat | alpaca | template
-    dropped: int = 0             # examples left with no target token (e.g. prompt >= max_seq_length)
+    name: str  # train | valid | test
+    source: str  # file path, for messages
+    sequences: list  # int32 token ids per example, after truncation
+    masks: list  # bool per token: True where that token is a target (token 0 never)
+    truncated: int  # examples cut to max_seq_length
+    format: str  # text | completion | chat | alpaca | template
+    dropped: int = 0  # examples left with no target token (e.g. prompt >= max_seq_length)
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -49,7 +49,11 @@ def pad_token_id(tokenizer) -> int:
 
 
 def _find(folder: Path, name: str):
-    found = [folder / f"{name}{ext}" for ext in (".jsonl", ".json") if (folder / f"{name}{ext}").is_file()]
+    found = [
+        folder / f"{name}{ext}"
+        for ext in (".jsonl", ".json")
+        if (folder / f"{name}{ext}").is_file()
+    ]
     if len(found) > 1:
         raise UserError(f"{folder}: both {name}.jsonl and {name}.json exist; keep one")
     return found[0] if found else None
@@ -59,13 +63,17 @@ def _carve(records: list, cfg, path: Path) -> tuple[list, list]:
     """Seeded train/valid split of one file's records; valid gets at least one."""
     n = len(records)
     if n < 2:
-        raise UserError(f"{path}: only {n} record; need at least 2 to carve a validation set "
-                        f"(valid_split={cfg.valid_split}), or put a valid.jsonl next to it in a directory")
+        raise UserError(
+            f"{path}: only {n} record; need at least 2 to carve a validation set "
+            f"(valid_split={cfg.valid_split}), or put a valid.jsonl next to it in a directory"
+        )
     n_valid = min(n - 1, max(1, round(n * cfg.valid_split)))
     perm = np.random.default_rng(cfg.seed).permutation(n)
     is_valid = np.zeros(n, dtype=bool)
     is_valid[perm[:n_valid]] = True
-    return [r for r, v in zip(records, is_valid) if not v], [r for r, v in zip(records, is_valid) if v]
+    return [r for r, v in zip(records, is_valid) if not v], [
+        r for r, v in zip(records, is_valid) if v
+    ]
 
 
 def _tokenize(name: str, source: Path, records: list, fmt: str, renderer: Renderer, cfg) -> Split:
@@ -88,9 +96,11 @@ def _tokenize(name: str, source: Path, records: list, fmt: str, renderer: Render
         sequences.append(ids)
         masks.append(mask)
     if not sequences:
-        raise UserError(f"{source}: no usable {name} examples: all {dropped} have no target token left "
-                        f"(prompt at least max_seq_length={cfg.max_seq_length} tokens?); "
-                        "raise max_seq_length or shorten the prompts")
+        raise UserError(
+            f"{source}: no usable {name} examples: all {dropped} have no target token left "
+            f"(prompt at least max_seq_length={cfg.max_seq_length} tokens?); "
+            "raise max_seq_length or shorten the prompts"
+        )
     return Split(name, str(source), sequences, masks, truncated, fmt, dropped)
 
 
@@ -105,15 +115,19 @@ def load_splits(cfg, tokenizer) -> dict:
         raise UserError("no data: pass --data DIR_OR_FILE or set 'data' in the config")
     path = Path(os.path.expanduser(str(cfg.data)))
     if not path.exists():
-        raise UserError(f"{path}: data path not found; give a directory with train.jsonl "
-                        "(and optionally valid.jsonl, test.jsonl) or a single .jsonl/.json file")
+        raise UserError(
+            f"{path}: data path not found; give a directory with train.jsonl "
+            "(and optionally valid.jsonl, test.jsonl) or a single .jsonl/.json file"
+        )
     renderer = Renderer(cfg, tokenizer)
     raw: dict = {}  # name -> (source, records, fmt)
     if path.is_dir():
         files = {name: _find(path, name) for name in SPLITS}
         if files["train"] is None:
-            raise UserError(f"{path}: no train.jsonl (or train.json) in this directory; "
-                            "a data directory needs train.jsonl and optionally valid.jsonl and test.jsonl")
+            raise UserError(
+                f"{path}: no train.jsonl (or train.json) in this directory; "
+                "a data directory needs train.jsonl and optionally valid.jsonl and test.jsonl"
+            )
         for name, file in files.items():
             if file is not None:
                 records = read_records(file)
@@ -127,7 +141,10 @@ def load_splits(cfg, tokenizer) -> dict:
         fmt = _file_format(records, cfg)
         train, valid = _carve(records, cfg, path)
         raw = {"train": (path, train, fmt), "valid": (path, valid, fmt)}
-    splits = {name: _tokenize(name, src, recs, fmt, renderer, cfg) for name, (src, recs, fmt) in raw.items()}
+    splits = {
+        name: _tokenize(name, src, recs, fmt, renderer, cfg)
+        for name, (src, recs, fmt) in raw.items()
+    }
     for notice in renderer.notices:
         warnings.warn(notice, UserWarning, stacklevel=2)
     return splits

@@ -17,15 +17,16 @@ EXTENSIONS = (".jsonl", ".json")
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 FORMATS_HELP = (
     '{"text"}, {"prompt", "completion"}, {"messages": [{"role", "content"}, ...]}, '
-    '{"instruction", "input", "output"} (alpaca), or any keys with prompt_template/completion_template'
+    '{"instruction", "input", "output"} (alpaca), or any keys with '
+    "prompt_template/completion_template"
 )
-
 
 
 def _json_problem(err) -> str:
     """json's message plus the column ("Unterminated string starting at" already ends in "at")."""
     joiner = " " if err.msg.endswith(" at") else " at "
     return f"{err.msg}{joiner}column {err.colno}"
+
 
 def _short(value, limit: int = 60) -> str:
     text = repr(value)
@@ -54,24 +55,31 @@ def _decode(path: Path, raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{where}: not UTF-8 text (byte {err.start}); re-save {path.name} as UTF-8") from None
+        raise UserError(
+            f"{where}: not UTF-8 text (byte {err.start}); re-save {path.name} as UTF-8"
+        ) from None
 
 
 def _check_unicode(value, text: str, where: str):
-    """JSON may escape a lone UTF-16 surrogate (\\ud800) that no tokenizer can encode: refuse it here."""
+    """JSON may escape a lone UTF-16 surrogate (\\ud800) that no tokenizer can encode: refuse it
+    here."""
     if _SURROGATE.search(text):
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise UserError(f"{where}: invalid text: a lone UTF-16 surrogate escape (like \\ud800) is not "
-                            "a character; fix or drop that escape") from None
+            raise UserError(
+                f"{where}: invalid text: a lone UTF-16 surrogate escape (like \\ud800) is not "
+                "a character; fix or drop that escape"
+            ) from None
     return value
 
 
 def _loads(text: str, where: str):
     try:
         return _check_unicode(json.loads(text), text, where)
-    except json.JSONDecodeError as err:  # "line 1" would mislead in a jsonl line: give the column only
+    except (
+        json.JSONDecodeError
+    ) as err:  # "line 1" would mislead in a jsonl line: give the column only
         raise UserError(f"{where}: invalid JSON ({_json_problem(err)})") from None
     except RecursionError:
         raise UserError(f"{where}: invalid JSON (nested too deeply)") from None
@@ -86,7 +94,10 @@ def _read_jsonl(path: Path, raw: bytes) -> list[tuple[str, dict]]:
             continue
         record = _loads(text, where)
         if not isinstance(record, dict):
-            raise UserError(f"{where}: each line must be a JSON object like {{\"text\": ...}}, got {_short(record)}")
+            raise UserError(
+                f'{where}: each line must be a JSON object like {{"text": ...}}, got '
+                f"{_short(record)}"
+            )
         out.append((where, record))
     return out
 
@@ -108,13 +119,18 @@ def _read_json_array(path: Path, raw: bytes):
     if isinstance(data, dict):  # one object: a one-line JSON-lines file
         return None
     if not isinstance(data, list):
-        raise UserError(f"{path}: a .json data file must be an array of objects, got {type(data).__name__}; "
-                        "or use .jsonl with one object per line")
+        raise UserError(
+            f"{path}: a .json data file must be an array of objects, got {type(data).__name__}; "
+            "or use .jsonl with one object per line"
+        )
     out = []
     for i, record in enumerate(data):
         where = f"{path}[{i}]"
         if not isinstance(record, dict):
-            raise UserError(f"{where}: each item must be a JSON object like {{\"text\": ...}}, got {_short(record)}")
+            raise UserError(
+                f'{where}: each item must be a JSON object like {{"text": ...}}, got '
+                f"{_short(record)}"
+            )
         out.append((where, record))
     return out
 
@@ -162,8 +178,11 @@ def validate(record: dict, fmt: str, where: str) -> None:
         if not isinstance(messages, list) or not messages:
             raise UserError(f"{where}: 'messages' must be {shape}, got {_short(messages)}")
         for i, msg in enumerate(messages):
-            if not (isinstance(msg, dict) and isinstance(msg.get("role"), str)
-                    and isinstance(msg.get("content"), str)):
+            if not (
+                isinstance(msg, dict)
+                and isinstance(msg.get("role"), str)
+                and isinstance(msg.get("content"), str)
+            ):
                 raise UserError(f"{where}: 'messages' must be {shape}; item {i} is {_short(msg)}")
 
 
@@ -172,6 +191,8 @@ def check_same_format(formats: list[str], records: list[tuple[str, dict]]) -> st
     first = formats[0]
     for fmt, (where, _) in zip(formats, records):
         if fmt != first:
-            raise UserError(f"{where}: record is in '{fmt}' format but earlier records are '{first}'; "
-                            "use one format per file")
+            raise UserError(
+                f"{where}: record is in '{fmt}' format but earlier records are '{first}'; "
+                "use one format per file"
+            )
     return first

@@ -8,16 +8,15 @@ assume a template's turn markers tokenize the same alone as in context.
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 from mlxft.data.templates import read_chat_template, render
 from mlxft.errors import UserError
 
 EOS = -1  # piece meaning "the EOS id, unless the text already ends with it"
-Piece = tuple[Union[str, int], bool]
+Piece = tuple[str | int, bool]
 
 FALLBACK_NOTICE = (
-    "the tokenizer has no chat template, so chat records are rendered as plain '<role>: content' lines "
+    "the tokenizer has no chat template, so chat records are rendered as plain '<role>: content' "
+    "lines "
     "with EOS after each assistant turn; to use a real one set chat_template "
     "(a jinja string or a .jinja file, e.g. chat_template: templates/chatml.jinja)"
 )
@@ -42,15 +41,19 @@ class Renderer:
         self.has_own = bool(getattr(self.tok, "chat_template", None))
         self.notices: list[str] = []
         if cfg.prompt_template is not None and cfg.completion_template is None:
-            raise UserError("prompt_template is set but completion_template is not; set both, "
-                            "e.g. completion_template: '{output}'")
+            raise UserError(
+                "prompt_template is set but completion_template is not; set both, "
+                "e.g. completion_template: '{output}'"
+            )
         if cfg.completion_template is not None and cfg.prompt_template is None:
             raise UserError("completion_template is set but prompt_template is not; set both")
 
     @property
-    def template(self) -> Optional[str]:
+    def template(self) -> str | None:
         """The chat template in use for chat records, None when only the fallback is left."""
-        return self.override if self.override else (self.tok.chat_template if self.has_own else None)
+        return (
+            self.override if self.override else (self.tok.chat_template if self.has_own else None)
+        )
 
     def completion_uses_chat(self) -> bool:
         if self.override:
@@ -58,8 +61,10 @@ class Renderer:
         if self.cfg.use_chat_template == "false":
             return False
         if self.cfg.use_chat_template == "true" and not self.has_own:
-            raise UserError("use_chat_template is true but the tokenizer has no chat template; "
-                            "set chat_template (a jinja string or .jinja file) or use_chat_template: auto")
+            raise UserError(
+                "use_chat_template is true but the tokenizer has no chat template; "
+                "set chat_template (a jinja string or .jinja file) or use_chat_template: auto"
+            )
         return self.has_own
 
     def render(self, record: dict, fmt: str, where: str) -> tuple[list[Piece], bool]:
@@ -74,10 +79,15 @@ class Renderer:
             return [(record["prompt"], False), (record["completion"], True), (EOS, True)], True
         if fmt == "alpaca":
             user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+            messages = [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": record["output"]},
+            ]
         elif fmt == "completion":
-            messages = [{"role": "user", "content": record["prompt"]},
-                        {"role": "assistant", "content": record["completion"]}]
+            messages = [
+                {"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["completion"]},
+            ]
         else:
             messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
         if self.template is None:
@@ -92,8 +102,10 @@ class Renderer:
         except KeyError as err:
             raise UserError(f"{where}: record has no field {err} used by {key}") from None
         except (IndexError, ValueError, AttributeError, TypeError) as err:
-            raise UserError(f"{key}: cannot fill it from {where}: {err} "
-                            "(write fields as {name}; double literal braces: {{ }})") from None
+            raise UserError(
+                f"{key}: cannot fill it from {where}: {err} "
+                "(write fields as {name}; double literal braces: {{ }})"
+            ) from None
 
     def _fallback(self, messages: list[dict]) -> list[Piece]:
         pieces: list[Piece] = []
@@ -122,12 +134,19 @@ class Renderer:
                 end = self._apply(messages[: k + 1], where, False)
             except UserError:
                 start = end = None
-            if start is None or not (full.startswith(start) and full.startswith(end)) or len(start) < pos:
+            if (
+                start is None
+                or not (full.startswith(start) and full.startswith(end))
+                or len(start) < pos
+            ):
                 raise UserError(
-                    f"{where}: mask_prompt needs a chat template whose rendering of the first turns is a prefix "
-                    "of the whole conversation, and this one is not; set mask_prompt: false or pass a "
-                    "different chat_template")
-            pieces += [(full[pos:len(start)], False), (full[len(start):len(end)], True)]
+                    f"{where}: mask_prompt needs a chat template whose rendering of the first "
+                    f"turns is a prefix "
+                    "of the whole conversation, and this one is not; set mask_prompt: false or "
+                    "pass a "
+                    "different chat_template"
+                )
+            pieces += [(full[pos : len(start)], False), (full[len(start) : len(end)], True)]
             pos = max(len(end), len(start))
         pieces.append((full[pos:], False))
         return pieces

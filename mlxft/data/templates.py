@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 from mlxft.errors import UserError
 
 _SENTINEL = "MLXFTASSISTANTREPLY"
 
 
-def read_chat_template(value: Optional[str]) -> Optional[str]:
+def read_chat_template(value: str | None) -> str | None:
     """A chat template option: the path of a template file, or the jinja text itself."""
     if not value:
         return None
@@ -34,12 +33,12 @@ def read_chat_template(value: Optional[str]) -> Optional[str]:
     return value
 
 
-def has_chat_template(tokenizer, override: Optional[str] = None) -> bool:
+def has_chat_template(tokenizer, override: str | None = None) -> bool:
     return bool(override or getattr(tokenizer, "chat_template", None))
 
 
 def render(
-    tokenizer, messages: list, override: Optional[str], generation: bool, where: str = ""
+    tokenizer, messages: list, override: str | None, generation: bool, where: str = ""
 ) -> str:
     """`messages` through the template as text; a template error names `where` (a data
     file's line) or, for a prompt, the messages."""
@@ -49,20 +48,22 @@ def render(
         )
     except Exception as err:  # jinja errors, raise_exception() in templates, ...
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        what = f"{where}: the chat template failed on this record" if where else (
-            "the chat template failed on these messages"
+        what = (
+            f"{where}: the chat template failed on this record"
+            if where
+            else ("the chat template failed on these messages")
         )
         raise UserError(f"{what}: {message}") from None
 
 
-def chat_prompt_ids(tokenizer, messages: list, override: Optional[str] = None) -> list:
+def chat_prompt_ids(tokenizer, messages: list, override: str | None = None) -> list:
     """Messages rendered with the chat template (+ the assistant header), as token ids.
     The template writes BOS itself, so the tokenizer must not add another (as mlx_lm.generate)."""
     text = render(tokenizer, messages, override, True)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def end_of_turn_ids(tokenizer, override: Optional[str] = None) -> set:
+def end_of_turn_ids(tokenizer, override: str | None = None) -> set:
     """Special tokens the chat template writes right after an assistant's content
     (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, ...): the model's "my turn is over"."""
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]

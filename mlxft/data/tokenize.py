@@ -13,7 +13,9 @@ import numpy as np
 from mlxft.data.render import EOS, Piece
 
 
-def _encode_run(tok, run: list[tuple[str, bool]], add_special: bool) -> tuple[list[int], np.ndarray]:
+def _encode_run(
+    tok, run: list[tuple[str, bool]], add_special: bool
+) -> tuple[list[int], np.ndarray]:
     text = "".join(t for t, _ in run)
     try:
         enc = tok(text, add_special_tokens=add_special, return_offsets_mapping=True, verbose=False)
@@ -38,7 +40,9 @@ def _encode_pieces(tok, run, add_special):
     return ids, np.array(mask, dtype=bool)
 
 
-def encode(tokenizer, pieces: list[Piece], add_special: bool, eos_id) -> tuple[np.ndarray, np.ndarray]:
+def encode(
+    tokenizer, pieces: list[Piece], add_special: bool, eos_id
+) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32, targets bool); the caller decides mask_prompt and token 0."""
     ids: list[int] = []
     masks: list[np.ndarray] = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 from mlxft.errors import UserError
 from mlxft.fileio import check_destination
@@ -25,9 +24,9 @@ def fuse(
     save_path: str,
     de_quantize: bool = False,
     trust_remote_code: bool = False,
-    revision: Optional[str] = None,
+    revision: str | None = None,
     backend: str = "mlx",
-    device: Optional[str] = None,
+    device: str | None = None,
 ) -> Path:
     """Write base + adapter as one HF model directory at `save_path`; returns it."""
     check_destination(Path(save_path))

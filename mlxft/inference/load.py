@@ -11,7 +11,6 @@ import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from mlxft.adapters.files import load_adapter
 from mlxft.adapters.targets import AdapterPlan, plan_from_adapter
@@ -28,17 +27,19 @@ class Loaded:
     tokenizer: object
     model_path: Path
     model_config: dict  # config.json as read by mlxft.hub.read_model_config
-    plan: Optional[AdapterPlan] = None
+    plan: AdapterPlan | None = None
 
     @property
-    def context_length(self) -> Optional[int]:
+    def context_length(self) -> int | None:
         """The longest sequence the model was built for (None when the config does not say)."""
         cfg = self.model_config
-        value = cfg.get("max_position_embeddings") or cfg.get("n_positions") or cfg.get("seq_length")
+        value = (
+            cfg.get("max_position_embeddings") or cfg.get("n_positions") or cfg.get("seq_length")
+        )
         return int(value) if value else None
 
 
-def trained_quantization(adapter_path: Optional[str]) -> dict:
+def trained_quantization(adapter_path: str | None) -> dict:
     """`quantize` / `q_group_size` of the QLoRA run that wrote `adapter_path` (from its
     mlxft_config.yaml), so generation sees the base the adapter was trained against."""
     import yaml
@@ -50,18 +51,39 @@ def trained_quantization(adapter_path: Optional[str]) -> dict:
         saved = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
         return {}
-    return {k: saved[k] for k in ("quantize", "q_group_size") if saved.get("quantize") and k in saved}
+    return {
+        k: saved[k] for k in ("quantize", "q_group_size") if saved.get("quantize") and k in saved
+    }
 
 
-def load_for_inference(model: str, adapter_path: Optional[str] = None, backend: str = "mlx",
-                       device: Optional[str] = None, dtype: str = "auto", trust_remote_code: bool = False,
-                       revision: Optional[str] = None, with_tokenizer: bool = True,
-                       quantization: Optional[dict] = None) -> Loaded:
+def load_for_inference(
+    model: str,
+    adapter_path: str | None = None,
+    backend: str = "mlx",
+    device: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    with_tokenizer: bool = True,
+    quantization: dict | None = None,
+) -> Loaded:
     """Resolve `model`, load it on `backend` (quantized on load if `quantization` says so, as
     for QLoRA training), attach the adapter in `adapter_path` if given."""
-    cfg = build_config(None, {"model": model, "backend": backend, "device": device, "dtype": dtype,
-                              "trust_remote_code": trust_remote_code, "revision": revision, **(quantization or {})})
-    if adapter_path is not None:  # read the adapter first: a bad adapter dir fails before a slow model load
+    cfg = build_config(
+        None,
+        {
+            "model": model,
+            "backend": backend,
+            "device": device,
+            "dtype": dtype,
+            "trust_remote_code": trust_remote_code,
+            "revision": revision,
+            **(quantization or {}),
+        },
+    )
+    if (
+        adapter_path is not None
+    ):  # read the adapter first: a bad adapter dir fails before a slow model load
         adapter_dir = Path(adapter_path).expanduser()
         adapter_config, weights = load_adapter(adapter_dir)
     model_path = resolve_model(cfg.model, cfg.revision)
@@ -69,11 +91,15 @@ def load_for_inference(model: str, adapter_path: Optional[str] = None, backend: 
     if with_tokenizer:
         tokenizer = load_tokenizer(model_path, cfg)
     engine = get_backend(cfg)
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only generated text (mlx-lm prints on quantize)
+    with contextlib.redirect_stdout(
+        sys.stderr
+    ):  # stdout carries only generated text (mlx-lm prints on quantize)
         engine.load(model_path)
     plan = None
     if adapter_path is not None:
-        plan = plan_from_adapter(engine.linear_modules(), engine.num_blocks(), adapter_config, weights)
+        plan = plan_from_adapter(
+            engine.linear_modules(), engine.num_blocks(), adapter_config, weights
+        )
         engine.add_adapters(plan)
         engine.set_adapter_weights(weights)
     return Loaded(engine, tokenizer, model_path, read_model_config(model_path), plan)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 
 from mlxft.data.templates import end_of_turn_ids
 from mlxft.errors import UserError
+
 
 # ---------------------------------------------------------------------------- sampling
 @dataclass
@@ -25,7 +26,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0  # 1: off
-    seed: Optional[int] = None
+    seed: int | None = None
 
     def check(self) -> None:
         if self.temperature < 0:
@@ -35,7 +36,9 @@ class SamplingParams:
         if self.top_k < 0:
             raise UserError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
         if self.repetition_penalty <= 0:
-            raise UserError(f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+            raise UserError(
+                f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}"
+            )
 
 
 class Sampler:
@@ -55,7 +58,9 @@ class Sampler:
             seen = np.unique(np.asarray(context, dtype=np.int64))
             seen = seen[seen < logits.shape[0]]
             score = logits[seen]
-            logits[seen] = np.where(score < 0, score * self.p.repetition_penalty, score / self.p.repetition_penalty)
+            logits[seen] = np.where(
+                score < 0, score * self.p.repetition_penalty, score / self.p.repetition_penalty
+            )
         return logits
 
     def probabilities(self, logits: np.ndarray, context: list) -> np.ndarray:
@@ -78,7 +83,9 @@ class Sampler:
         if self.p.temperature == 0:
             return int(np.argmax(self.penalized(logits, context)))
         cdf = np.cumsum(self.probabilities(logits, context))
-        return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+        return int(
+            min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), len(cdf) - 1)
+        )
 
 
 # ---------------------------------------------------------------------------- text
@@ -92,7 +99,8 @@ class StreamDecoder:
     Decoding one token alone loses SentencePiece's leading spaces and splits multi-byte
     characters, so each new token is decoded together with a few tokens before it and only
     the difference is emitted; text ending in U+FFFD (an incomplete UTF-8 sequence) is held
-    back until the rest of the character arrives (the approach of HF's text-generation-inference)."""
+    back until the rest of the character arrives (the approach of HF's
+    text-generation-inference)."""
 
     def __init__(self, tokenizer, context_ids: list, lookback: int = 5):
         self.tok = tokenizer
@@ -109,11 +117,11 @@ class StreamDecoder:
         return self._advance(final=True) if self.read < len(self.ids) else ""
 
     def _advance(self, final: bool) -> str:
-        before = _decode(self.tok, self.ids[self.prefix:self.read])
-        now = _decode(self.tok, self.ids[self.prefix:])
+        before = _decode(self.tok, self.ids[self.prefix : self.read])
+        now = _decode(self.tok, self.ids[self.prefix :])
         if len(now) > len(before) and (final or not now.endswith("\ufffd")):
             self.prefix, self.read = self.read, len(self.ids)
-            return now[len(before):]
+            return now[len(before) :]
         return ""
 
 
@@ -128,7 +136,9 @@ def _ids(value) -> set:
     return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
 
 
-def eos_ids(tokenizer, model_path: Path, model_config: dict, chat: bool, override: Optional[str] = None) -> set:
+def eos_ids(
+    tokenizer, model_path: Path, model_config: dict, chat: bool, override: str | None = None
+) -> set:
     """Tokens that end generation: the tokenizer's EOS, `eos_token_id` of config.json and
     generation_config.json (an int or a list), and in chat the template's end-of-turn."""
     found = _ids(getattr(tokenizer, "eos_token_id", None)) | _ids(model_config.get("eos_token_id"))
@@ -137,7 +147,9 @@ def eos_ids(tokenizer, model_path: Path, model_config: dict, chat: bool, overrid
         try:
             found |= _ids(json.loads(gen_file.read_text()).get("eos_token_id"))
         except (json.JSONDecodeError, TypeError, ValueError):
-            raise UserError(f"{gen_file}: invalid JSON or eos_token_id; fix or remove the file") from None
+            raise UserError(
+                f"{gen_file}: invalid JSON or eos_token_id; fix or remove the file"
+            ) from None
     if chat:
         found |= end_of_turn_ids(tokenizer, override)
     return found
@@ -155,22 +167,35 @@ class Result:
     peak_memory_gb: float = 0.0
 
     def stats(self) -> str:
-        return (f"Prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens-per-sec\n"
-                f"Generation: {len(self.tokens)} tokens, {self.generation_tps:.1f} tokens-per-sec\n"
-                f"Peak memory: {self.peak_memory_gb:.3f} GB")
+        return (
+            f"Prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens-per-sec\n"
+            f"Generation: {len(self.tokens)} tokens, {self.generation_tps:.1f} tokens-per-sec\n"
+            f"Peak memory: {self.peak_memory_gb:.3f} GB"
+        )
 
 
-def check_context(n_prompt: int, context_length: Optional[int]) -> None:
+def check_context(n_prompt: int, context_length: int | None) -> None:
     if n_prompt == 0:
         raise UserError("the prompt is empty")
     if context_length and n_prompt >= context_length:
-        raise UserError(f"the prompt is {n_prompt} tokens, the model's context window is {context_length} "
-                        "(max_position_embeddings); shorten the prompt")
+        raise UserError(
+            f"the prompt is {n_prompt} tokens, the model's context window is {context_length} "
+            "(max_position_embeddings); shorten the prompt"
+        )
 
 
-def generate(backend, tokenizer, prompt_ids: list, sampler: Sampler, max_tokens: int, stop_ids: set,
-             context_length: Optional[int] = None, on_text: Optional[Callable[[str], None]] = None) -> Result:
-    """Generate up to `max_tokens` after `prompt_ids`; stop tokens end it and are not part of the text.
+def generate(
+    backend,
+    tokenizer,
+    prompt_ids: list,
+    sampler: Sampler,
+    max_tokens: int,
+    stop_ids: set,
+    context_length: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Result:
+    """Generate up to `max_tokens` after `prompt_ids`; stop tokens end it and are not part of the
+    text.
     `on_text` receives each new piece of text as soon as it is complete."""
     check_context(len(prompt_ids), context_length)
     limit = max_tokens if not context_length else min(max_tokens, context_length - len(prompt_ids))
@@ -200,6 +225,12 @@ def generate(backend, tokenizer, prompt_ids: list, sampler: Sampler, max_tokens:
             logits = backend.next_logits(token)
     emit(decoder.flush())
     gen_seconds = time.perf_counter() - tic
-    return Result("".join(pieces), tokens, reason, len(prompt_ids),
-                  len(prompt_ids) / max(prompt_seconds, 1e-9), len(tokens) / max(gen_seconds, 1e-9),
-                  backend.peak_memory_gb())
+    return Result(
+        "".join(pieces),
+        tokens,
+        reason,
+        len(prompt_ids),
+        len(prompt_ids) / max(prompt_seconds, 1e-9),
+        len(tokens) / max(gen_seconds, 1e-9),
+        backend.peak_memory_gb(),
+    )

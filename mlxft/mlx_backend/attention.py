@@ -1,12 +1,12 @@
 """Causal self-attention for CPU training steps, swapped in for mlx-lm's SDPA helper.
 
 On the CPU `mx.fast.scaled_dot_product_attention` falls back to matmul -> softmax -> matmul,
-and its softmax pays MLX's slow CPU exp (~110 M elements/s; the wheel's kernels are built for
-baseline x86-64, so the exp polynomial's fma calls are software).  At 2,000 tokens that softmax
-was 20% of a step.  Here the same three steps run with the softmax's exp as `2 ** (x log2 e)`
-(libm's powf, ~3x faster), the causal mask added by the score matmul itself (addmm), and the
-normalisation applied to the output instead of the weights.  Measured per block, forward and
-backward (B=4, T=470, 8 heads of 64): 67 ms vs 114 ms for MLX's SDPA, same peak memory.
+and its softmax pays MLX's slow CPU exp (the wheel's kernels are built for baseline x86-64, so
+the exp polynomial's fma calls are software); at long sequences that softmax is a large share of
+a step.  Here the same three steps run with the softmax's exp as `2 ** (x log2 e)` (libm's
+powf, faster), the causal mask added by the score matmul itself (addmm), and the normalisation
+applied to the output instead of the weights; same result, same peak memory
+(benchmarks/RESULTS.md has the timings).
 
 The swap is scoped: `fast_attention(model)` replaces the `scaled_dot_product_attention` name in
 the model's own mlx-lm module for the duration of a `with` block (our train and eval steps), and
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+
 import mlx.core as mx
 
 from mlxft.mlx_backend.loss import exp_by_power
@@ -46,7 +47,7 @@ def causal_bias(length: int) -> mx.array:
 
     One mask is kept, for the longest length so far, and shorter ones are its top-left corner
     (addmm copies its addend into the output in any case).  A mask per length would keep one
-    (length, length) float32 array per batch shape: 8 of them were 128 MB at 2,000 tokens."""
+    (length, length) float32 array alive per batch shape, and length-sorted batches have many."""
     if not _BIAS or _BIAS[0].shape[0] < length:
         rows = mx.arange(length)
         bias = mx.where(rows[:, None] >= rows[None], 0.0, -mx.inf).astype(mx.float32)
@@ -66,7 +67,7 @@ def causal_attention(queries: mx.array, keys: mx.array, values: mx.array, scale:
         keys, values = keys[:, :, None], values[:, :, None]
     weights = shifted_exp(mx.addmm(causal_bias(length), q, keys.swapaxes(-1, -2)))
     # normalise the (…, L, D) output rather than the (…, L, L) weights: one pass and one buffer of
-    # the size of the scores fewer (measured: the same peak memory as MLX's SDPA, not 1.7x)
+    # the size of the scores fewer, which keeps the peak at SDPA's
     out = (weights @ values) / weights.sum(-1, keepdims=True)
     return out.reshape(batch, q_heads, length, dim)
 
@@ -74,8 +75,12 @@ def causal_attention(queries: mx.array, keys: mx.array, values: mx.array, scale:
 def _replacement(original):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         covered = (
-            cache is None and sinks is None and isinstance(mask, str) and mask == "causal"
-            and queries.dtype == mx.float32 and queries.shape[-2] == keys.shape[-2]
+            cache is None
+            and sinks is None
+            and isinstance(mask, str)
+            and mask == "causal"
+            and queries.dtype == mx.float32
+            and queries.shape[-2] == keys.shape[-2]
         )
         if not covered:
             return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
@@ -90,7 +95,9 @@ def model_modules(model) -> list:
     names = {type(model).__module__}
     for _, module in model.named_modules():
         names.add(type(module).__module__)
-    return [sys.modules[n] for n in sorted(names) if n.startswith("mlx_lm.models.") and n in sys.modules]
+    return [
+        sys.modules[n] for n in sorted(names) if n.startswith("mlx_lm.models.") and n in sys.modules
+    ]
 
 
 @contextlib.contextmanager

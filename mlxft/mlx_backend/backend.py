@@ -22,11 +22,11 @@ from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_la
 from mlxft.backend import checkpointed_blocks, head_note
 from mlxft.data.batching import head_rows
 from mlxft.errors import UserError
+from mlxft.mlx_backend.arrays import numpy_weights
 from mlxft.mlx_backend.attention import fast_attention
 from mlxft.mlx_backend.dora import DoRALinear
 from mlxft.mlx_backend.lora import LoRALinear, linear_shape
 from mlxft.mlx_backend.loss import HeadLoss, loss_sum
-from mlxft.mlx_backend.arrays import numpy_weights
 from mlxft.model_dir import read_model_config
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -42,15 +42,24 @@ def load_mlx_model(model_path: Path, dtype: str = "auto", trust_remote_code: boo
     on_disk = json.loads((model_path / "config.json").read_text())
     fixes = {k: v for k, v in raw.items() if k not in on_disk}
     try:
-        model, config = load_model(model_path, model_config=fixes, trust_remote_code=trust_remote_code)
+        model, config = load_model(
+            model_path, model_config=fixes, trust_remote_code=trust_remote_code
+        )
     except ValueError as err:
         message = str(err).splitlines()[0]
         if "trust_remote_code" in message:
-            raise UserError(f"{model_path}: needs custom code; pass --trust-remote-code if you trust it") from None
+            raise UserError(
+                f"{model_path}: needs custom code; pass --trust-remote-code if you trust it"
+            ) from None
         raise UserError(f"{model_path}: mlx-lm cannot load this model: {message}") from None
     if dtype != "auto":
         target = _DTYPES[dtype]
-        model.update(tree_map(lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
+        model.update(
+            tree_map(
+                lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
+                model.parameters(),
+            )
+        )
     return model, config
 
 
@@ -93,8 +102,8 @@ def cpu_kernels() -> bool:
 
 def use_compile() -> bool:
     """mx.compile pays on the GPU.  On the CPU every new batch shape costs a C++ kernel build
-    (seconds), and length-sorted batches have many shapes: measured 2.4k tok/s compiled vs
-    5.7k eager on stories260K/WikiSQL, so the CPU runs eagerly.  MLXFT_COMPILE=1/0 overrides."""
+    (seconds), and length-sorted batches have many shapes, so compiled CPU steps are slower
+    than eager ones and the CPU runs eagerly.  MLXFT_COMPILE=1/0 overrides."""
     forced = flags.compile_steps()
     return forced if forced is not None else mx.default_device().type == mx.gpu
 
@@ -121,14 +130,18 @@ class MLXBackend:
         return "cpu"
 
     def load(self, model_path: Path) -> None:
-        self.model, self.config = load_mlx_model(model_path, self.cfg.dtype, self.cfg.trust_remote_code)
+        self.model, self.config = load_mlx_model(
+            model_path, self.cfg.dtype, self.cfg.trust_remote_code
+        )
         if self.cfg.quantize:
             from mlx_lm.utils import quantize_model
 
             if self.quantized:
                 bits = self.config.get("quantization", {}).get("bits", "?")
-                raise UserError(f"{model_path}: already quantized ({bits} bits); drop quantize/--quantize "
-                                "(QLoRA trains on it as it is)")
+                raise UserError(
+                    f"{model_path}: already quantized ({bits} bits); drop quantize/--quantize "
+                    "(QLoRA trains on it as it is)"
+                )
 
             self.model, self.config = quantize_model(
                 self.model, self.config, group_size=self.cfg.q_group_size, bits=self.cfg.quantize
@@ -143,8 +156,11 @@ class MLXBackend:
     def _unfreeze_full(self) -> None:
         """Full fine-tuning: make the planned blocks (or the whole model) trainable."""
         if self.quantized:
-            raise UserError(f"{self.cfg.model}: fine_tune_type full trains the weights themselves, which a quantized "
-                            "model cannot; use a full-precision model, or fine_tune_type lora/dora (QLoRA)")
+            raise UserError(
+                f"{self.cfg.model}: fine_tune_type full trains the weights themselves, which a "
+                f"quantized "
+                "model cannot; use a full-precision model, or fine_tune_type lora/dora (QLoRA)"
+            )
         layers, everything = full_layers(self.num_blocks(), self.cfg.num_layers)
         if everything:
             self.model.unfreeze()
@@ -168,7 +184,10 @@ class MLXBackend:
     def linear_modules(self) -> list:
         found = []
         for path, module in self.model.named_modules():
-            if isinstance(module, (nn.Linear, nn.QuantizedLinear)) and block_index(path) is not None:
+            if (
+                isinstance(module, (nn.Linear, nn.QuantizedLinear))
+                and block_index(path) is not None
+            ):
                 fin, fout = linear_shape(module)
                 found.append(LinearInfo(path, fin, fout))
         return sorted(found, key=lambda i: (block_index(i.path), i.path))
@@ -180,7 +199,9 @@ class MLXBackend:
         for target in plan.targets:
             a, b = plan.init[target.path]
             layer = DoRALinear if plan.kind == "dora" else LoRALinear
-            wrapped.append((target.path, layer(modules[target.path], a, b, plan.scale, plan.dropout)))
+            wrapped.append(
+                (target.path, layer(modules[target.path], a, b, plan.scale, plan.dropout))
+            )
         self.model.update_modules(tree_unflatten(wrapped))
         self.plan = plan
 
@@ -193,11 +214,14 @@ class MLXBackend:
             weights[peft_key(path, "lora_A")] = np.array(layer.lora_A)
             weights[peft_key(path, "lora_B")] = np.array(layer.lora_B)
             if isinstance(layer, DoRALinear):
-                weights[peft_key(path, "lora_magnitude_vector")] = np.array(layer.lora_magnitude_vector)
+                weights[peft_key(path, "lora_magnitude_vector")] = np.array(
+                    layer.lora_magnitude_vector
+                )
         return weights
 
     def model_weights(self) -> dict:
-        """Every weight under its Hugging Face name (mlx-lm keeps them), for saving a full fine-tune."""
+        """Every weight under its Hugging Face name (mlx-lm keeps them), for saving a full
+        fine-tune."""
         return numpy_weights(dict(tree_flatten(self.model.parameters())))
 
     def fused_weights(self) -> dict:
@@ -206,7 +230,9 @@ class MLXBackend:
         return fused_weights(self.model)
 
     def set_adapter_weights(self, weights: dict) -> None:
-        for layer, name, value in match_adapter_weights(weights, dict(self._lora_layers()), self.plan.kind):
+        for layer, name, value in match_adapter_weights(
+            weights, dict(self._lora_layers()), self.plan.kind
+        ):
             setattr(layer, name, mx.array(value, dtype=mx.float32))
         mx.eval(self.model.parameters())
 
@@ -216,26 +242,39 @@ class MLXBackend:
         total = 0
         for _, module in self.model.named_modules():
             own = {k: v for k, v in module.items() if isinstance(v, mx.array)}
-            if "scales" in own:  # QuantizedLinear / QuantizedEmbedding: uint32 words of 32 // bits weights
+            if (
+                "scales" in own
+            ):  # QuantizedLinear / QuantizedEmbedding: uint32 words of 32 // bits weights
                 rows, words = own["weight"].shape
-                total += rows * words * 32 // module.bits + (own["bias"].size if "bias" in own else 0)
+                total += rows * words * 32 // module.bits + (
+                    own["bias"].size if "bias" in own else 0
+                )
             else:
                 total += sum(v.size for v in own.values())
         return trainable, total
 
     # ---------------------------------------------------------------- training
     def setup_training(self, cfg) -> None:
-        mx.random.seed(cfg.seed)  # dropout masks: reproducible, and part of a checkpoint's RNG state
+        mx.random.seed(
+            cfg.seed
+        )  # dropout masks: reproducible, and part of a checkpoint's RNG state
         opt = cfg.optimizer
         extra = cfg.optimizer_options  # validated in mlxft.config
         if opt == "adamw":
             self.optimizer = optim.AdamW(
-                learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, bias_correction=True, **extra
+                learning_rate=cfg.learning_rate,
+                weight_decay=cfg.weight_decay,
+                bias_correction=True,
+                **extra,
             )
         elif opt == "adam":
-            self.optimizer = optim.Adam(learning_rate=cfg.learning_rate, bias_correction=True, **extra)
+            self.optimizer = optim.Adam(
+                learning_rate=cfg.learning_rate, bias_correction=True, **extra
+            )
         else:
-            self.optimizer = optim.SGD(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, **extra)
+            self.optimizer = optim.SGD(
+                learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, **extra
+            )
         if cfg.grad_checkpoint:
             _checkpoint_blocks(self.model.layers)
         self.model.train()
@@ -250,7 +289,9 @@ class MLXBackend:
         value_and_grad = nn.value_and_grad(model, self._loss)
         state = [model.state, optimizer.state, mx.random.state]
 
-        compiled = partial(mx.compile, inputs=state, outputs=state) if use_compile() else (lambda f: f)
+        compiled = (
+            partial(mx.compile, inputs=state, outputs=state) if use_compile() else (lambda f: f)
+        )
 
         @compiled
         def grads_of(inputs, targets, mask, *rows):
@@ -299,8 +340,12 @@ class MLXBackend:
         acc, total, count = None, mx.array(0.0), mx.array(0.0)
         with self._kernels():
             for batch in batches:
-                t, c, g = self._grads_of(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask),
-                                         *self._rows(batch))
+                t, c, g = self._grads_of(
+                    mx.array(batch.inputs),
+                    mx.array(batch.targets),
+                    mx.array(batch.mask),
+                    *self._rows(batch),
+                )
                 acc = g if acc is None else tree_map(mx.add, acc, g)
                 total, count = total + t, count + c
         norm = self._apply(acc, count)
@@ -317,7 +362,12 @@ class MLXBackend:
         self._eval = fn
         for batch in batches:
             with self._kernels():
-                t, c = fn(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask), *self._rows(batch))
+                t, c = fn(
+                    mx.array(batch.inputs),
+                    mx.array(batch.targets),
+                    mx.array(batch.mask),
+                    *self._rows(batch),
+                )
             mx.eval(t, c)
             total, count = total + t.item(), count + int(c.item())
         self.model.train()
@@ -346,7 +396,8 @@ class MLXBackend:
 
     # ---------------------------------------------------------------- resume
     def optimizer_state(self) -> dict:
-        """Flat {PEFT key + .exp_avg/.exp_avg_sq/.momentum_buffer, step: np.ndarray} (see optim_state)."""
+        """Flat {PEFT key + .exp_avg/.exp_avg_sq/.momentum_buffer, step: np.ndarray} (see
+        optim_state)."""
         from mlxft.mlx_backend.optim_state import export_state
 
         return export_state(self.optimizer, self.cfg.optimizer)
@@ -360,7 +411,8 @@ class MLXBackend:
         return {"mlx.key": np.array(mx.random.state[0], dtype=np.uint32)}
 
     def set_rng_state(self, state: dict) -> None:
-        """MLX has no setter for its global key, but seed(s) sets it to key(s) = [s >> 32, s & 0xffffffff]."""
+        """MLX has no setter for its global key, but seed(s) sets it to key(s) = [s >> 32, s &
+        0xffffffff]."""
         if "mlx.key" not in state:
             raise UserError("RNG state has no 'mlx.key': it was saved by another backend")
         hi, lo = (int(x) for x in np.asarray(state["mlx.key"], dtype=np.uint32).reshape(2))

@@ -16,7 +16,8 @@ from mlxft.mlx_backend.lora import LoRALinear, linear_shape
 
 
 def merge_adapters(model: nn.Module) -> int:
-    """Replace every LoRALinear (and DoRALinear) of `model` by its merged Linear; returns how many."""
+    """Replace every LoRALinear (and DoRALinear) of `model` by its merged Linear; returns how
+    many."""
     merged = []
     for path, layer in model.named_modules():
         if not isinstance(layer, LoRALinear):
@@ -39,7 +40,9 @@ def fused_weights(model: nn.Module) -> dict:
     from mlx_lm.utils import dequantize_model
 
     merge_adapters(model)
-    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
+    if any(
+        isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()
+    ):
         model = dequantize_model(model)
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)

@@ -21,8 +21,14 @@ def linear_shape(layer) -> tuple:
 def dense_weight(layer) -> mx.array:
     """The (out, in) weight of a Linear, de-quantized for a QuantizedLinear."""
     if isinstance(layer, nn.QuantizedLinear):
-        return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits,
-                             mode=getattr(layer, "mode", "affine"))
+        return mx.dequantize(
+            layer.weight,
+            layer.scales,
+            layer.get("biases"),
+            layer.group_size,
+            layer.bits,
+            mode=getattr(layer, "mode", "affine"),
+        )
     return layer.weight
 
 

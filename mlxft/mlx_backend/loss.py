@@ -3,14 +3,13 @@
 Two ways to the same number.  `loss_sum` calls the model and `nn.losses.cross_entropy`, as
 mlx-lm does.  `HeadLoss` runs the model's body, then the output head and the cross-entropy
 on the trained rows only (every device).  On the CPU it runs them a chunk of rows at a time
-(`chunked_cross_entropy`), for three reasons measured on the 40M bench model (4 x 470 tokens,
-32000-token vocabulary; benchmarks/RESULTS.md):
+(`chunked_cross_entropy`), for three reasons (figures in benchmarks/RESULTS.md):
 
-- exp.  MLX's CPU exp runs ~110 M elements/s (the wheel is built for baseline x86-64, so its
-  polynomial's fma calls are software), and the loss head needs 32000 per token twice: once
+- exp.  MLX's CPU exp is slow (the wheel is built for baseline x86-64, so its polynomial's fma
+  calls are software), and the loss head needs one per vocabulary entry per token twice: once
   in the forward log-sum-exp and again when its backward rebuilds the softmax.  Here the
   forward keeps the probabilities it already computed, so the backward needs no exp, and the
-  one exp pass is `2 ** (x log2 e)`, which MLX's CPU runs ~3x faster (libm's powf).
+  one exp pass is `2 ** (x log2 e)`, which MLX's CPU runs faster (libm's powf).
 - The gradient is written without autodiff through the softmax: with p = softmax(z) held
   constant, `sum(p * z)` has gradient p, so `stop_gradient(lse - sum(p*z)) + sum(p*z) - z[t]`
   has the value of the cross-entropy and the gradient p - onehot(t).  Plain MLX ops, no
@@ -43,12 +42,18 @@ def loss_sum(model, inputs, targets, mask):
 
 def exp_by_power(x: mx.array) -> mx.array:
     """exp(x) as 2 ** (x log2 e): relative error <= |x| * 9e-8 (rounding of the product), i.e.
-    under 3e-6 on the range a softmax weighs; runs ~3x faster than mx.exp on MLX's CPU."""
+    under 3e-6 on the range a softmax weighs; faster than mx.exp on MLX's CPU."""
     return mx.power(2.0, x * LOG2E)
 
 
-def chunked_cross_entropy(hidden: mx.array, weight: mx.array, targets: mx.array, mask: mx.array,
-                          exp=exp_by_power, chunk_elements: int = CHUNK_ELEMENTS) -> mx.array:
+def chunked_cross_entropy(
+    hidden: mx.array,
+    weight: mx.array,
+    targets: mx.array,
+    mask: mx.array,
+    exp=exp_by_power,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> mx.array:
     """sum over rows of mask * CE(hidden @ weight.T, targets), `weight` frozen (vocab, dim).
 
     hidden (N, dim), targets and mask (N,).  See the module docstring for the gradient trick."""
@@ -56,7 +61,7 @@ def chunked_cross_entropy(hidden: mx.array, weight: mx.array, targets: mx.array,
     step = max(1, chunk_elements // weight.shape[0])
     total = mx.array(0.0)
     for start in range(0, rows, step):
-        z = (hidden[start:start + step] @ weight.T).astype(mx.float32)
+        z = (hidden[start : start + step] @ weight.T).astype(mx.float32)
         zs = mx.stop_gradient(z)
         peak = zs.max(-1, keepdims=True)
         e = exp(zs - peak)
@@ -64,9 +69,9 @@ def chunked_cross_entropy(hidden: mx.array, weight: mx.array, targets: mx.array,
         probs = e / norm
         lse = mx.log(norm) + peak
         expected = (probs * z).sum(-1, keepdims=True)  # value sum(p z), gradient p
-        picked = mx.take_along_axis(z, targets[start:start + step, None], -1)
+        picked = mx.take_along_axis(z, targets[start : start + step, None], -1)
         rows_loss = mx.stop_gradient(lse - expected) + expected - picked
-        total = total + (rows_loss.squeeze(-1) * mask[start:start + step]).sum()
+        total = total + (rows_loss.squeeze(-1) * mask[start : start + step]).sum()
     return total
 
 
@@ -103,9 +108,10 @@ class HeadLoss:
         return total, mask.sum()
 
     @classmethod
-    def of(cls, model, chunked: bool = False) -> "HeadLoss | None":
+    def of(cls, model, chunked: bool = False) -> HeadLoss | None:
         """The split for this model, or None.  `chunked` asks for the chunked cross-entropy,
-        granted for a plain, frozen, bias-free float head (nn.Linear lm_head or tied nn.Embedding)."""
+        granted for a plain, frozen, bias-free float head (nn.Linear lm_head or tied
+        nn.Embedding)."""
         body = getattr(model, "model", None)
         if body is None or not callable(body):
             return None
@@ -133,8 +139,12 @@ class HeadLoss:
                 return model.lm_head.weight
 
             plain, name = type(head) is nn.Linear and "bias" not in head, "lm_head.weight"
-        chunkable = (chunked and plain and mx.issubdtype(weight().dtype, mx.floating)
-                     and name not in dict(tree_flatten(model.trainable_parameters())))
+        chunkable = (
+            chunked
+            and plain
+            and mx.issubdtype(weight().dtype, mx.floating)
+            and name not in dict(tree_flatten(model.trainable_parameters()))
+        )
         split = cls(body, project, weight if chunkable else None)
         return split if split._exact(model) else None
 

@@ -15,11 +15,16 @@ from mlx.utils import tree_flatten
 from mlxft.adapters.files import ADAPTER_TENSORS, peft_key
 from mlxft.training.checkpoint import OPTIMIZER_SLOTS, optimizer_slot, optimizer_steps
 
-_MLX_NAMES = {"adam": ("m", "v"), "adamw": ("m", "v"), "sgd": ("v",)}  # MLX's names for OPTIMIZER_SLOTS
+_MLX_NAMES = {
+    "adam": ("m", "v"),
+    "adamw": ("m", "v"),
+    "sgd": ("v",),
+}  # MLX's names for OPTIMIZER_SLOTS
 
 
 def param_key(path: str) -> str:
-    """MLX parameter path -> PEFT key for adapter weights, the Hugging Face name otherwise (full)."""
+    """MLX parameter path -> PEFT key for adapter weights, the Hugging Face name otherwise
+    (full)."""
     module, _, name = path.rpartition(".")
     return peft_key(module, name) if name in ADAPTER_TENSORS else path
 
@@ -55,7 +60,9 @@ def import_state(optimizer, kind: str, trainable: dict, state: dict) -> None:
     for path, current in tree_flatten(optimizer.state):
         param, _, slot = path.rpartition(".")
         if param and slot in slots:
-            value = optimizer_slot(state, f"{param_key(param)}.{slots[slot]}", current.shape, bool(steps), kind)
+            value = optimizer_slot(
+                state, f"{param_key(param)}.{slots[slot]}", current.shape, bool(steps), kind
+            )
             if value is not None:
                 _set(optimizer.state, path, mx.array(value).astype(current.dtype))
     optimizer.state["step"] = mx.array(steps, dtype=mx.uint64)

@@ -3,7 +3,8 @@
     <adapter_path>/checkpoints/step-0000100/
         adapter_config.json, adapter_model.safetensors   the weights: a usable adapter directory
         mlxft_config.yaml                                 the run's config
-        trainer_state.safetensors                         optimizer tensors `optim.*`, RNG arrays `rng.*`
+        trainer_state.safetensors                         optimizer tensors `optim.*`, RNG arrays
+        `rng.*`
         trainer_state.json                                position + what the run must match
 
 Batches are a pure function of (seed, epoch) and the learning rate of the step, so position
@@ -20,7 +21,6 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -36,8 +36,20 @@ STATE_TENSORS = "trainer_state.safetensors"
 _NAME = re.compile(r"^step-(\d{7,})$")
 
 # Settings a checkpoint's optimizer state, weights and data position only make sense with.
-IDENTITY = ("fine_tune_type", "quantize", "q_group_size", "dtype", "batch_size", "grad_accumulation_steps",
-            "max_seq_length", "mask_prompt", "seed", "optimizer", "optimizer_config", "num_layers")
+IDENTITY = (
+    "fine_tune_type",
+    "quantize",
+    "q_group_size",
+    "dtype",
+    "batch_size",
+    "grad_accumulation_steps",
+    "max_seq_length",
+    "mask_prompt",
+    "seed",
+    "optimizer",
+    "optimizer_config",
+    "num_layers",
+)
 LORA_IDENTITY = ("rank", "scale", "dropout", "keys")
 # Settings that may change on resume (the run then differs from an uninterrupted one: we say so).
 SCHEDULE = ("iters", "epochs", "learning_rate", "lr_schedule", "weight_decay", "grad_clip")
@@ -65,25 +77,32 @@ def checkpoint_dirs(adapter_path: Path) -> list:
     return sorted(found)
 
 
-def find_checkpoint(cfg) -> Optional[Path]:
+def find_checkpoint(cfg) -> Path | None:
     """The checkpoint `--resume` / `--resume-from` asks for, checked before any model loads."""
     if cfg.resume_from:
         path = Path(cfg.resume_from)
         if not path.is_dir():
-            raise UserError(f"resume_from: {path} is not a directory; pass a checkpoint such as "
-                            f"{Path(cfg.adapter_path) / CHECKPOINTS / 'step-0000100'}")
+            raise UserError(
+                f"resume_from: {path} is not a directory; pass a checkpoint such as "
+                f"{Path(cfg.adapter_path) / CHECKPOINTS / 'step-0000100'}"
+            )
         if (path / STATE_JSON).is_file():
             return path
         latest = checkpoint_dirs(path)
         if latest:  # an adapter directory: its newest checkpoint
             return latest[-1][1]
-        raise UserError(f"resume_from: {path} is not an mlxft checkpoint (no {STATE_JSON}); checkpoints are "
-                        f"the {CHECKPOINTS}/step-NNNNNNN directories written every save_every steps")
+        raise UserError(
+            f"resume_from: {path} is not an mlxft checkpoint (no {STATE_JSON}); checkpoints are "
+            f"the {CHECKPOINTS}/step-NNNNNNN directories written every save_every steps"
+        )
     if cfg.resume:
         latest = checkpoint_dirs(Path(cfg.adapter_path))
         if not latest:
-            raise UserError(f"--resume: no checkpoint in {Path(cfg.adapter_path) / CHECKPOINTS}; checkpoints are "
-                            "written every save_every steps; run without --resume to start over")
+            raise UserError(
+                f"--resume: no checkpoint in {Path(cfg.adapter_path) / CHECKPOINTS}; checkpoints "
+                f"are "
+                "written every save_every steps; run without --resume to start over"
+            )
         return latest[-1][1]
     return None
 
@@ -132,22 +151,34 @@ def _describe(key: str, saved, now) -> str:
 
 def check_compatible(checkpoint: Path, saved: dict, now: dict) -> list:
     """Refuse a resume that cannot continue the same run; return notices for schedule changes."""
-    problems = [_describe(k, saved.get(k), now.get(k)) for k in now
-                if k not in SCHEDULE and saved.get(k) != now.get(k)]
+    problems = [
+        _describe(k, saved.get(k), now.get(k))
+        for k in now
+        if k not in SCHEDULE and saved.get(k) != now.get(k)
+    ]
     if problems:
         raise UserError(
-            f"cannot resume from {checkpoint}: {'; '.join(problems[:3])}. Resume with the checkpoint's settings "
+            f"cannot resume from {checkpoint}: {'; '.join(problems[:3])}. Resume with the "
+            f"checkpoint's settings "
             f"({checkpoint / CONFIG_FILE}), or start a new run from its weights with "
             f"--resume-adapter-file {checkpoint}"
         )
-    return [f"resuming with {_describe(k, saved.get(k), now.get(k))}: the run will differ from an uninterrupted one"
-            for k in SCHEDULE if saved.get(k) != now.get(k)]
+    return [
+        f"resuming with {_describe(k, saved.get(k), now.get(k))}: the run will differ from an "
+        f"uninterrupted one"
+        for k in SCHEDULE
+        if saved.get(k) != now.get(k)
+    ]
 
 
 # --------------------------------------------------------------------------- RNG
 # Optimizer state in checkpoints: torch's slot names under each trainable parameter's PEFT key
 # (`K.exp_avg`, `K.exp_avg_sq`, `K.momentum_buffer`) plus `step`, whichever backend wrote it.
-OPTIMIZER_SLOTS = {"adamw": ("exp_avg", "exp_avg_sq"), "adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
+OPTIMIZER_SLOTS = {
+    "adamw": ("exp_avg", "exp_avg_sq"),
+    "adam": ("exp_avg", "exp_avg_sq"),
+    "sgd": ("momentum_buffer",),
+}
 
 
 def optimizer_steps(state: dict) -> int:
@@ -162,35 +193,56 @@ def optimizer_slot(state: dict, key: str, shape: tuple, required: bool, kind: st
     value = state.get(key)
     if value is None:
         if required:
-            raise UserError(f"optimizer state has no '{key}': it was saved for another adapter or optimizer ({kind} now)")
+            raise UserError(
+                f"optimizer state has no '{key}': it was saved for another adapter or optimizer "
+                f"({kind} now)"
+            )
         return None
     if tuple(value.shape) != tuple(shape):
-        raise UserError(f"optimizer state '{key}' has shape {tuple(value.shape)}, expected {tuple(shape)}")
+        raise UserError(
+            f"optimizer state '{key}' has shape {tuple(value.shape)}, expected {tuple(shape)}"
+        )
     return np.asarray(value)
 
 
 def numpy_rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"numpy.keys": np.asarray(keys, dtype=np.uint32), "numpy.pos": np.array([pos], dtype=np.int64),
-            "numpy.has_gauss": np.array([has_gauss], dtype=np.int64),
-            "numpy.cached_gaussian": np.array([cached], dtype=np.float64)}
+    return {
+        "numpy.keys": np.asarray(keys, dtype=np.uint32),
+        "numpy.pos": np.array([pos], dtype=np.int64),
+        "numpy.has_gauss": np.array([has_gauss], dtype=np.int64),
+        "numpy.cached_gaussian": np.array([cached], dtype=np.float64),
+    }
 
 
 def set_numpy_rng_state(state: dict) -> None:
     if "numpy.keys" in state:
-        np.random.set_state(("MT19937", state["numpy.keys"], int(state["numpy.pos"][0]),
-                             int(state["numpy.has_gauss"][0]), float(state["numpy.cached_gaussian"][0])))
+        np.random.set_state(
+            (
+                "MT19937",
+                state["numpy.keys"],
+                int(state["numpy.pos"][0]),
+                int(state["numpy.has_gauss"][0]),
+                float(state["numpy.cached_gaussian"][0]),
+            )
+        )
 
 
 # --------------------------------------------------------------------------- write / read
-def write_checkpoint(adapter_path: Path, pos: Position, save_weights, cfg, backend, fingerprint_: dict,
-                     keep: int) -> Path:
+def write_checkpoint(
+    adapter_path: Path, pos: Position, save_weights, cfg, backend, fingerprint_: dict, keep: int
+) -> Path:
     """checkpoints/step-NNNNNNN, atomically; then only the newest `keep` are kept."""
     target = Path(adapter_path) / CHECKPOINTS / f"step-{pos.step:07d}"
     tensors = {f"optim.{k}": np.ascontiguousarray(v) for k, v in backend.optimizer_state().items()}
     rng = dict(numpy_rng_state(), **backend.rng_state())
     tensors.update({f"rng.{k}": np.ascontiguousarray(v) for k, v in rng.items()})
-    state = {"format": FORMAT, "position": asdict(pos), "backend": backend.name, "fingerprint": fingerprint_}
+    state = {
+        "format": FORMAT,
+        "position": asdict(pos),
+        "backend": backend.name,
+        "fingerprint": fingerprint_,
+    }
     with atomic_dir(target, replace=True) as tmp:
         save_weights(tmp)
         save_config(replace(cfg, resume=False, resume_from=None), tmp / CONFIG_FILE)
@@ -209,12 +261,14 @@ def read_checkpoint(path: Path) -> tuple:
         state = json.loads((path / STATE_JSON).read_text())
         tensors = load_file(str(path / STATE_TENSORS))
     except (OSError, ValueError) as err:
-        raise UserError(f"{path}: damaged checkpoint ({str(err).splitlines()[0]}); resume from an earlier one "
-                        "with --resume-from") from None
+        raise UserError(
+            f"{path}: damaged checkpoint ({str(err).splitlines()[0]}); resume from an earlier one "
+            "with --resume-from"
+        ) from None
     if state.get("format") != FORMAT or "position" not in state:
         raise UserError(f"{path / STATE_JSON}: unknown checkpoint format {state.get('format')!r}")
-    optim = {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")}
-    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    optim = {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")}
+    rng = {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
     return state, optim, rng
 
 
@@ -226,8 +280,10 @@ def rewind(adapter_path: Path, step: int) -> list:
     for _, path in later:
         shutil.rmtree(path, ignore_errors=True)
     if later:
-        notes.append(f"removed {len(later)} later checkpoint(s) of the abandoned continuation "
-                     f"(steps {', '.join(str(s) for s, _ in later)})")
+        notes.append(
+            f"removed {len(later)} later checkpoint(s) of the abandoned continuation "
+            f"(steps {', '.join(str(s) for s, _ in later)})"
+        )
     metrics = Path(adapter_path) / METRICS_FILE
     if metrics.is_file():
         kept, dropped = [], 0
@@ -244,7 +300,7 @@ def rewind(adapter_path: Path, step: int) -> list:
     return notes
 
 
-def clear_stale(adapter_path: Path) -> Optional[str]:
+def clear_stale(adapter_path: Path) -> str | None:
     """A fresh run in a directory with another run's files: remove its checkpoints (so a later
     `--resume` cannot pick up the old run) and its metrics.jsonl (so curves don't mix)."""
     old = checkpoint_dirs(adapter_path)
@@ -254,6 +310,9 @@ def clear_stale(adapter_path: Path) -> Optional[str]:
     if metrics.exists():  # a fresh run starts a fresh curve; a resumed one appends (see `rewind`)
         metrics.unlink()
     if old:
-        return (f"removed {len(old)} checkpoint(s) of an earlier run in {Path(adapter_path) / CHECKPOINTS} "
-                "(pass --resume to continue a run instead)")
+        return (
+            f"removed {len(old)} checkpoint(s) of an earlier run in "
+            f"{Path(adapter_path) / CHECKPOINTS} "
+            "(pass --resume to continue a run instead)"
+        )
     return None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from mlxft.config import Config
 from mlxft.data import load_splits, pad_token_id
@@ -24,7 +23,7 @@ class Inputs:
     tokenizer: object
     splits: dict  # name -> mlxft.data.Split
     pad_id: int
-    checkpoint: Optional[Path]  # the checkpoint `--resume`/`--resume-from` continues, if any
+    checkpoint: Path | None  # the checkpoint `--resume`/`--resume-from` continues, if any
 
 
 def read_inputs(cfg: Config) -> Inputs:

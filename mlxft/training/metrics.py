@@ -50,24 +50,65 @@ class Reporter:
         if self.tty:
             sys.stderr.write("\r" + " " * 60 + "\r")
 
-    def train(self, step: int, loss: float, lr: float, its: float, tps: float, trained: int, peak: float, grad_norm: float):
-        self._write({
-            "step": step, "train_loss": loss, "learning_rate": lr, "tokens_per_second": tps,
-            "iterations_per_second": its, "trained_tokens": trained, "peak_memory_gb": peak, "grad_norm": grad_norm,
-        })
+    def train(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        its: float,
+        tps: float,
+        trained: int,
+        peak: float,
+        grad_norm: float,
+    ):
+        self._write(
+            {
+                "step": step,
+                "train_loss": loss,
+                "learning_rate": lr,
+                "tokens_per_second": tps,
+                "iterations_per_second": its,
+                "trained_tokens": trained,
+                "peak_memory_gb": peak,
+                "grad_norm": grad_norm,
+            }
+        )
         self.echo(
             f"Iter {step}: train loss {loss:.3f}, lr {lr:.3e}, it/s {its:.2f}, tok/s {tps:.0f}, "
             f"trained tokens {trained}, peak mem {peak:.3f} GB"
         )
 
-    def evaluation(self, step: int, kind: str, loss: float, tokens: int, seconds: float, lr: float, its: float,
-                   tps: float, trained: int, peak: float):
-        record = {"step": step, f"{kind}_loss": loss, f"{kind}_perplexity": _ppl(loss), f"{kind}_tokens": tokens,
-                  f"{kind}_seconds": seconds, "learning_rate": lr, "tokens_per_second": tps,
-                  "iterations_per_second": its, "trained_tokens": trained, "peak_memory_gb": peak}
+    def evaluation(
+        self,
+        step: int,
+        kind: str,
+        loss: float,
+        tokens: int,
+        seconds: float,
+        lr: float,
+        its: float,
+        tps: float,
+        trained: int,
+        peak: float,
+    ):
+        record = {
+            "step": step,
+            f"{kind}_loss": loss,
+            f"{kind}_perplexity": _ppl(loss),
+            f"{kind}_tokens": tokens,
+            f"{kind}_seconds": seconds,
+            "learning_rate": lr,
+            "tokens_per_second": tps,
+            "iterations_per_second": its,
+            "trained_tokens": trained,
+            "peak_memory_gb": peak,
+        }
         self._write(record)
         name = {"val": "Val", "test": "Test"}[kind]
-        self.echo(f"Iter {step}: {name} loss {loss:.3f}, {name} ppl {_ppl(loss):.3f}, {name} took {seconds:.2f}s")
+        self.echo(
+            f"Iter {step}: {name} loss {loss:.3f}, {name} ppl {_ppl(loss):.3f}, {name} took "
+            f"{seconds:.2f}s"
+        )
 
     def close(self) -> None:
         self.clear_progress()

@@ -15,21 +15,33 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import subprocess
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
 
 from mlxft.adapters.targets import LinearInfo, block_index, select_layers, select_targets
+from mlxft.device import machine_memory
 from mlxft.errors import UserError
 from mlxft.model_dir import read_model_config
 
 GB = 1e9
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2,
-                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "U64": 8,
+    "I32": 4,
+    "U32": 4,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 _NAMED_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -68,7 +80,7 @@ class Shape:
     vocab: int
 
     @classmethod
-    def from_config(cls, config: dict) -> "Shape":
+    def from_config(cls, config: dict) -> Shape:
         text = config.get("text_config") or {}
         get = lambda k, default=None: config.get(k, text.get(k, default))  # noqa: E731
         hidden = get("hidden_size") or get("n_embd") or get("d_model")
@@ -76,14 +88,22 @@ class Shape:
         heads = get("num_attention_heads") or get("n_head")
         vocab = get("vocab_size")
         if not all(isinstance(v, int) and v > 0 for v in (hidden, layers, heads, vocab)):
-            raise UserError("config.json: hidden_size, num_hidden_layers, num_attention_heads and vocab_size "
-                            "are needed to plan memory")
-        return cls(hidden=hidden, intermediate=get("intermediate_size") or 4 * hidden, layers=layers, heads=heads,
-                   kv_heads=get("num_key_value_heads") or heads, head_dim=get("head_dim") or hidden // heads,
-                   vocab=vocab)
+            raise UserError(
+                "config.json: hidden_size, num_hidden_layers, num_attention_heads and vocab_size "
+                "are needed to plan memory"
+            )
+        return cls(
+            hidden=hidden,
+            intermediate=get("intermediate_size") or 4 * hidden,
+            layers=layers,
+            heads=heads,
+            kv_heads=get("num_key_value_heads") or heads,
+            head_dim=get("head_dim") or hidden // heads,
+            vocab=vocab,
+        )
 
 
-def _quant_bits(tensors: dict, name: str, config: dict) -> Optional[int]:
+def _quant_bits(tensors: dict, name: str, config: dict) -> int | None:
     if name.endswith(".weight") and name[: -len("weight")] + "scales" in tensors:
         return int((config.get("quantization") or {}).get("bits", 4))
     return None
@@ -111,30 +131,48 @@ class Estimate:
 
     weights: int
     weights_desc: str
-    trainable: int          # trainable parameter count
-    params: int             # their bytes (LoRA: float32)
+    trainable: int  # trainable parameter count
+    params: int  # their bytes (LoRA: float32)
     grads: int
     optimizer: int
-    activations: int        # with the run's grad_checkpoint setting
+    activations: int  # with the run's grad_checkpoint setting
     activations_other: int  # with it flipped, for advice
     logits: int
     batch_size: int
-    tokens: int             # width of the longest batch
+    tokens: int  # width of the longest batch
     grad_checkpoint: bool
 
     @property
     def total(self) -> int:
-        return self.weights + self.params + self.grads + self.optimizer + self.activations + self.logits
+        return (
+            self.weights
+            + self.params
+            + self.grads
+            + self.optimizer
+            + self.activations
+            + self.logits
+        )
 
     def parts(self) -> list:
-        return [("weights", self.weights), ("trainable", self.params), ("grads", self.grads),
-                ("optimizer", self.optimizer), ("activations", self.activations), ("logits", self.logits)]
+        return [
+            ("weights", self.weights),
+            ("trainable", self.params),
+            ("grads", self.grads),
+            ("optimizer", self.optimizer),
+            ("activations", self.activations),
+            ("logits", self.logits),
+        ]
 
     def summary(self) -> str:
         ckpt = "checkpointed " if self.grad_checkpoint else ""
-        return (f"~{_gb(self.total)} peak = weights {_gb(self.weights)} ({self.weights_desc}) + trainable "
-                f"{_gb(self.params + self.grads + self.optimizer)} (params, grads, optimizer) + {ckpt}activations "
-                f"{_gb(self.activations)} + logits {_gb(self.logits)} at {self.batch_size}x{self.tokens} tokens")
+        return (
+            f"~{_gb(self.total)} peak = weights {_gb(self.weights)} ({self.weights_desc}) + "
+            f"trainable "
+            f"{_gb(self.params + self.grads + self.optimizer)} (params, grads, optimizer) + "
+            f"{ckpt}activations "
+            f"{_gb(self.activations)} + logits {_gb(self.logits)} at "
+            f"{self.batch_size}x{self.tokens} tokens"
+        )
 
 
 def _gb(n: float) -> str:
@@ -160,7 +198,11 @@ def _weights(tensors: dict, config: dict, cfg) -> tuple:
             continue
         total += n * size
         bits = _quant_bits(tensors, name, config)
-        kinds[f"{bits}-bit" if bits else (cfg.dtype if floating and target else _DTYPE_NAMES.get(dtype, dtype.lower()))] = 1
+        kinds[
+            f"{bits}-bit"
+            if bits
+            else (cfg.dtype if floating and target else _DTYPE_NAMES.get(dtype, dtype.lower()))
+        ] = 1
     return total, "+".join(sorted(kinds)) or "empty"
 
 
@@ -174,18 +216,29 @@ def _compute_bytes(tensors: dict, cfg) -> int:
     return 4
 
 
-def _activations(shape: Shape, batch: int, tokens: int, elem: int, rank: int, targets_per_layer: int,
-                 layers: int, checkpoint: bool) -> int:
+def _activations(
+    shape: Shape,
+    batch: int,
+    tokens: int,
+    elem: int,
+    rank: int,
+    targets_per_layer: int,
+    layers: int,
+    checkpoint: bool,
+) -> int:
     """Saved activations of `layers` llama blocks (those from the first trained block up).
 
     Per token and block: norms' inputs and outputs (4d), q, rope'd q, attention output (3 q-width),
     k, v, rope'd k (3 kv-width), o_proj output and residual (2d), MLP gate, up, act, product (4f),
-    down output (2d) and each adapter's x·Aᵀ (r): measured within a few % on stories260K.
+    down output (2d) and each adapter's x·Aᵀ (r), as tests/test_planner.py checks against MLX.
     Attention probabilities are B·H·T² per block, plus ~2 blocks' worth live during a block's
     backward.  Checkpointing keeps only each block's input and recomputes one block at a time
     (~3 blocks' tensors and 4 blocks' probabilities live at its peak)."""
     q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    per_token = elem * (8 * shape.hidden + 3 * q_width + 3 * kv_width + 4 * shape.intermediate) + 4 * rank * targets_per_layer
+    per_token = (
+        elem * (8 * shape.hidden + 3 * q_width + 3 * kv_width + 4 * shape.intermediate)
+        + 4 * rank * targets_per_layer
+    )
     block = batch * tokens * per_token
     scores = batch * shape.heads * tokens * tokens * elem
     plain = layers * block + (layers + 2) * scores
@@ -194,7 +247,7 @@ def _activations(shape: Shape, batch: int, tokens: int, elem: int, rank: int, ta
     return plain
 
 
-def estimate(cfg, model_dir: Path, longest: int, tensors: Optional[dict] = None) -> Estimate:
+def estimate(cfg, model_dir: Path, longest: int, tensors: dict | None = None) -> Estimate:
     """Peak training memory for `cfg` on the model in `model_dir`; `longest` = tokens of the
     longest training example (after max_seq_length truncation)."""
     config = read_model_config(Path(model_dir))
@@ -224,60 +277,53 @@ def estimate(cfg, model_dir: Path, longest: int, tensors: Optional[dict] = None)
     grads = trainable * state_bytes * (2 if cfg.grad_accumulation_steps > 1 else 1)
     optimizer = trainable * state_bytes * (2 if cfg.optimizer in ("adam", "adamw") else 1)
     saved_layers = shape.layers - first
-    acts = {ck: _activations(shape, batch, width, elem, rank, per_layer, saved_layers, ck) for ck in (False, True)}
+    acts = {
+        ck: _activations(shape, batch, width, elem, rank, per_layer, saved_layers, ck)
+        for ck in (False, True)
+    }
     logits = 3 * batch * width * shape.vocab * 4
-    return Estimate(weights, desc, trainable, params, grads, optimizer, acts[bool(cfg.grad_checkpoint)],
-                    acts[not cfg.grad_checkpoint], logits, batch, width, bool(cfg.grad_checkpoint))
+    return Estimate(
+        weights,
+        desc,
+        trainable,
+        params,
+        grads,
+        optimizer,
+        acts[bool(cfg.grad_checkpoint)],
+        acts[not cfg.grad_checkpoint],
+        logits,
+        batch,
+        width,
+        bool(cfg.grad_checkpoint),
+    )
 
 
 # --------------------------------------------------------------------------- machine
-def _metal_working_set() -> int:
-    """Metal's recommended working set in bytes; 0 without MLX or a Metal device."""
-    try:
-        import mlx.core as mx
-
-        if mx.metal.is_available():
-            return int(mx.metal.device_info().get("max_recommended_working_set_size", 0))
-    except Exception:  # noqa: BLE001 - mlx missing or no device info: fall back to RAM
-        pass
-    return 0
-
-
-def machine_memory(backend: str = "mlx") -> tuple:
-    """(bytes usable for training, what that number is).  Only the MLX backend asks MLX about
-    Metal: a torch run must not import MLX (mlxft/__init__.py says why)."""
-    if backend == "mlx":
-        limit = _metal_working_set()
-        if limit:
-            return limit, "Metal recommended working set"
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "RAM"
-    except (ValueError, OSError, AttributeError):
-        pass
-    if sys.platform == "darwin":
-        try:
-            out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=5)
-            return int(out.stdout.strip()), "RAM"
-        except (OSError, ValueError, subprocess.SubprocessError):
-            pass
-    return 0, "unknown"
-
-
-def knobs(cfg, model_dir: Path, longest: int, budget: int, tensors: Optional[dict] = None) -> list:
+def knobs(cfg, model_dir: Path, longest: int, budget: int, tensors: dict | None = None) -> list:
     """Single changes that bring the estimate under `budget`, each with its new estimate."""
     options = []
     if not cfg.grad_checkpoint:
         options.append(("--grad-checkpoint", replace(cfg, grad_checkpoint=True)))
     if cfg.batch_size > 1:
         b = max(1, cfg.batch_size // 2)
-        options.append((f"--batch-size {b} (with --grad-accumulation-steps {cfg.grad_accumulation_steps * 2} "
-                        "to keep the effective batch)", replace(cfg, batch_size=b)))
+        options.append(
+            (
+                f"--batch-size {b} (with --grad-accumulation-steps "
+                f"{cfg.grad_accumulation_steps * 2} "
+                "to keep the effective batch)",
+                replace(cfg, batch_size=b),
+            )
+        )
     seq = min(cfg.max_seq_length, longest)
     if seq > 64:
         options.append((f"--max-seq-length {seq // 2}", replace(cfg, max_seq_length=seq // 2)))
     if cfg.fine_tune_type == "full" or cfg.quantize is None:
-        options.append(("--fine-tune-type lora --quantize 4 (QLoRA)",
-                        replace(cfg, fine_tune_type="lora", quantize=4)))
+        options.append(
+            (
+                "--fine-tune-type lora --quantize 4 (QLoRA)",
+                replace(cfg, fine_tune_type="lora", quantize=4),
+            )
+        )
     out = []
     for text, alt in options:
         try:
@@ -294,10 +340,14 @@ def verdict(est: Estimate, budget: int, what: str, advice: list) -> str:
     share = est.total / budget
     if share <= 0.75:
         return f"fits: {_gb(est.total)} of {_gb(budget)} {what} ({100 * share:.0f}%)"
-    fixes = [f"{text} (~{_gb(total)})" for text, total, ok in advice if ok] or \
-            [f"{text} (~{_gb(total)})" for text, total, _ in advice[:2]]
+    fixes = [f"{text} (~{_gb(total)})" for text, total, ok in advice if ok] or [
+        f"{text} (~{_gb(total)})" for text, total, _ in advice[:2]
+    ]
     word = "tight" if share <= 1.0 else "does not fit"
-    return f"{word}: {_gb(est.total)} of {_gb(budget)} {what} ({100 * share:.0f}%); try " + "; or ".join(fixes)
+    return (
+        f"{word}: {_gb(est.total)} of {_gb(budget)} {what} ({100 * share:.0f}%); try "
+        + "; or ".join(fixes)
+    )
 
 
 def plan_lines(cfg, model_dir: Path, longest: int) -> list:
@@ -305,11 +355,16 @@ def plan_lines(cfg, model_dir: Path, longest: int) -> list:
     tensors = model_tensors(model_dir)
     est = estimate(cfg, model_dir, longest, tensors)
     budget, what = machine_memory(cfg.backend)
-    lines = [f"Memory plan for {cfg.model} ({cfg.fine_tune_type}, batch {est.batch_size} x {est.tokens} tokens, "
-             f"grad_checkpoint {'on' if est.grad_checkpoint else 'off'}):"]
+    lines = [
+        f"Memory plan for {cfg.model} ({cfg.fine_tune_type}, batch {est.batch_size} x {est.tokens} "
+        f"tokens, "
+        f"grad_checkpoint {'on' if est.grad_checkpoint else 'off'}):"
+    ]
     for name, value in est.parts():
         lines.append(f"  {name:<12} {_gb(value):>12}")
-    lines.append(f"  {'total':<12} {_gb(est.total):>12}   (trainable parameters: {est.trainable / 1e6:.3f}M)")
+    lines.append(
+        f"  {'total':<12} {_gb(est.total):>12}   (trainable parameters: {est.trainable / 1e6:.3f}M)"
+    )
     other = "on" if not est.grad_checkpoint else "off"
     lines.append(f"  activations with grad_checkpoint {other}: {_gb(est.activations_other)}")
     lines.append(verdict(est, budget, what, knobs(cfg, model_dir, longest, budget, tensors)))
@@ -323,7 +378,9 @@ def header_line(cfg, model_dir: Path, longest: int) -> tuple:
         tensors = model_tensors(model_dir)
         est = estimate(cfg, model_dir, longest, tensors)
         budget, what = machine_memory(cfg.backend)
-        advice = knobs(cfg, model_dir, longest, budget, tensors) if est.total > 0.75 * budget else []
+        advice = (
+            knobs(cfg, model_dir, longest, budget, tensors) if est.total > 0.75 * budget else []
+        )
     except (UserError, KeyError, ValueError, TypeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         return f"Memory: no estimate ({reason})", None

@@ -16,7 +16,8 @@ def warmup_steps(schedule: dict, total_steps: int) -> int:
 
 
 def learning_rate(step: int, base_lr: float, schedule: dict, total_steps: int) -> float:
-    """LR used for optimizer step `step` (0-based): linear warm-up, then constant/linear/cosine decay
+    """LR used for optimizer step `step` (0-based): linear warm-up, then constant/linear/cosine
+    decay
     to `min_lr_ratio * base_lr` at the last step."""
     warm = warmup_steps(schedule, total_steps)
     if step < warm:

@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
 
 from mlxft.adapters import plan_adapters
 from mlxft.adapters.files import adapter_config, load_adapter, save_adapter, save_full_model
@@ -56,14 +55,16 @@ class TrainResult:
     adapter_path: Path
     steps: int
     trained_tokens: int
-    first_val_loss: Optional[float]  # before the first update (None when resumed)
-    last_val_loss: Optional[float]
+    first_val_loss: float | None  # before the first update (None when resumed)
+    last_val_loss: float | None
 
 
 def batch_stream(split: Split, cfg: Config, pad_id: int, pos: Position) -> Iterator:
     """Training batches forever, epoch after epoch, advancing `pos` (what checkpoints record)."""
     while True:
-        batches = epoch_batches(split, cfg.batch_size, seed=cfg.seed, epoch=pos.epoch, pad_id=pad_id)
+        batches = epoch_batches(
+            split, cfg.batch_size, seed=cfg.seed, epoch=pos.epoch, pad_id=pad_id
+        )
         while pos.index < len(batches):
             batch = batches[pos.index]
             pos.index += 1
@@ -99,12 +100,12 @@ class Session:
             self.backend.set_adapter_weights(weights)
         # set by train()
         self.longest = max(len(s) for s in self.splits["train"].sequences)
-        self.estimate: Optional[planner.Estimate] = None
-        self.fingerprint: Optional[dict] = None
-        self.last_checkpoint: Optional[Path] = self.checkpoint
+        self.estimate: planner.Estimate | None = None
+        self.fingerprint: dict | None = None
+        self.last_checkpoint: Path | None = self.checkpoint
         self.saved_step = 0
-        self.first_val_loss: Optional[float] = None
-        self.last_val_loss: Optional[float] = None
+        self.first_val_loss: float | None = None
+        self.last_val_loss: float | None = None
 
     # ------------------------------------------------------------------ header
     def header(self, iters: int, batches_per_epoch: int, pad_frac: float) -> list:
@@ -131,10 +132,15 @@ class Session:
             )
             lines.append(f"FULL fine-tune: {scope}")
         for name, split in self.splits.items():
-            extra = f", {split.truncated} truncated to {cfg.max_seq_length} tokens" if split.truncated else ""
+            extra = (
+                f", {split.truncated} truncated to {cfg.max_seq_length} tokens"
+                if split.truncated
+                else ""
+            )
             extra += f", {split.dropped} dropped (no target tokens left)" if split.dropped else ""
             lines.append(
-                f"Data {name}: {len(split.sequences)} examples ({split.format}) from {split.source}{extra}"
+                f"Data {name}: {len(split.sequences)} examples ({split.format}) from "
+                f"{split.source}{extra}"
             )
         epochs = iters * cfg.grad_accumulation_steps / max(1, batches_per_epoch)
         lines.append(
@@ -197,7 +203,15 @@ class Session:
             loss = total / max(count, 1)
             seconds = time.perf_counter() - tic
             reporter.evaluation(
-                step, "val", loss, count, seconds, lr, its, tps, pos.trained_tokens,
+                step,
+                "val",
+                loss,
+                count,
+                seconds,
+                lr,
+                its,
+                tps,
+                pos.trained_tokens,
                 backend.peak_memory_gb(),
             )
             return loss
@@ -208,15 +222,25 @@ class Session:
                     self.first_val_loss = evaluate(0)
                 for step in self.steps(pos, iters, stop):
                     guards.check_finite(
-                        step.step, step.loss, step.grad_norm, step.learning_rate, cfg,
+                        step.step,
+                        step.loss,
+                        step.grad_norm,
+                        step.learning_rate,
+                        cfg,
                         self.last_checkpoint,
                     )
                     window.add(step)
                     reporter.progress(step.step)
                     if step.step % cfg.steps_per_report == 0 or step.step == iters:
                         reporter.train(
-                            step.step, window.loss, step.learning_rate, window.its, window.tps,
-                            pos.trained_tokens, backend.peak_memory_gb(), step.grad_norm,
+                            step.step,
+                            window.loss,
+                            step.learning_rate,
+                            window.its,
+                            window.tps,
+                            pos.trained_tokens,
+                            backend.peak_memory_gb(),
+                            step.grad_norm,
                         )
                         window.reset()
                     if step.step % cfg.steps_per_eval == 0 or step.step == iters:
@@ -229,9 +253,11 @@ class Session:
                 reporter.close()
         self.save_adapter(self.out)
         reporter.echo(
-            f"Saved the full model to {self.out} (Hugging Face directory: config.json, model.safetensors)"
+            f"Saved the full model to {self.out} (Hugging Face directory: config.json, "
+            f"model.safetensors)"
             if cfg.fine_tune_type == "full"
-            else f"Saved adapter to {self.out} (PEFT layout: adapter_config.json, adapter_model.safetensors)"
+            else f"Saved adapter to {self.out} "
+            "(PEFT layout: adapter_config.json, adapter_model.safetensors)"
         )
         return TrainResult(
             self.out, pos.step, pos.trained_tokens, self.first_val_loss, self.last_val_loss
@@ -274,7 +300,8 @@ class Session:
             raise guards.out_of_memory(err, self.cfg, self.longest, planned) from None
 
     def _restore(self, state: dict, optimizer: dict, rng: dict) -> list:
-        """Weights, optimizer moments and RNG from a checkpoint (its position is set by the caller)."""
+        """Weights, optimizer moments and RNG from a checkpoint (its position is set by the
+        caller)."""
         if self.cfg.fine_tune_type != "full":  # full fine-tunes were loaded from the checkpoint dir
             _, weights = load_adapter(self.checkpoint)
             self.backend.set_adapter_weights(weights)
@@ -310,12 +337,19 @@ class Session:
             weights = self.backend.model_weights()
             save_full_model(out_dir, weights, self.model_path, self.backend.dtype)
             return
-        save_adapter(out_dir, self.backend.adapter_weights(), adapter_config(self.plan, self.cfg.model))
+        save_adapter(
+            out_dir, self.backend.adapter_weights(), adapter_config(self.plan, self.cfg.model)
+        )
 
     def save_checkpoint(self, pos: Position) -> Path:
         """checkpoints/step-NNNNNNN: weights, config, optimizer state, RNG, data position."""
         self.last_checkpoint = checkpoint.write_checkpoint(
-            self.out, pos, self.save_adapter, self.cfg, self.backend, self.fingerprint,
+            self.out,
+            pos,
+            self.save_adapter,
+            self.cfg,
+            self.backend,
+            self.fingerprint,
             self.cfg.keep_checkpoints,
         )
         self.saved_step = pos.step
@@ -325,7 +359,9 @@ class Session:
     def test(self) -> float:
         if "test" not in self.splits:
             raise UserError(f"{self.cfg.data}: no test.jsonl for --test")
-        batches = eval_batches(self.splits["test"], self.cfg.batch_size, self.pad_id, self.cfg.test_batches)
+        batches = eval_batches(
+            self.splits["test"], self.cfg.batch_size, self.pad_id, self.cfg.test_batches
+        )
         total, count = self.backend.eval_loss(batches)
         loss = total / max(count, 1)
         if not self.quiet:

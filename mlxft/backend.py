@@ -75,6 +75,10 @@ class Backend(Protocol):
         """{HF name: numpy tensor} with every adapter merged into its linear and every weight
         dense (de-quantized): a plain model for `fuse` and exports.  Replaces the adapters."""
 
+    def fused_tensors(self) -> list:
+        """[(HF name, shape, load)] of what `fused_weights` returns, where `load()` computes that
+        one tensor as float32 numpy on demand: a writer streaming them holds one at a time."""
+
     def parameter_counts(self) -> tuple:
         """(trainable, total) parameters; quantized weights counted at their dense size."""
 

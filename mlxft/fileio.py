@@ -59,6 +59,29 @@ def atomic_file(path: Path, mode: str = "wb"):
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (`.<name>.tmp-<random>`) for a writer that opens
+    its file by name (the GGUF writer, llama.cpp's quantizer); on success it replaces `path`,
+    on error it is removed.  Files the writer derives from it (`<tmp>.staging`) are its own to
+    remove."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as handle:  # the writer closed it; make its bytes durable
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def write_text(path: Path, text: str) -> None:
     with atomic_file(path, "w") as handle:
         handle.write(text)

@@ -185,3 +185,28 @@ def test_torch_backend_fuses_what_the_mlx_backend_fuses(tiny_models, tmp_path, f
     mlx, torch_fused = hf_logits(tmp_path / "mlx"), hf_logits(tmp_path / "torch")
     assert np.abs(torch_fused - mlx).max() < 1e-5
     assert np.abs(torch_fused - our_logits(base, adapter)).max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_fused_tensors_stream_what_fused_weights_return(tiny_models, tmp_path, backend):
+    """`Backend.fused_tensors` (the GGUF export's source) is `fused_weights` one tensor at a
+    time: same names, declared shapes, values; and listing or loading them leaves the adapters."""
+    base = tiny_models["phi3"]
+    adapter = train_adapter(base, small_data(tmp_path), tmp_path / "adapter", fine_tune_type="dora")
+    loaded = load_for_inference(
+        str(base),
+        str(adapter),
+        backend=backend,
+        device="cpu" if backend == "torch" else None,
+        with_tokenizer=False,
+    )
+    entries = loaded.backend.fused_tensors()
+    streamed = {name: load() for name, _, load in entries}
+    for name, shape, _ in entries:
+        assert streamed[name].shape == shape and streamed[name].dtype == np.float32, name
+    assert loaded.backend.adapter_weights()  # still adapted: nothing was merged in place
+    assert np.abs(loaded.backend.logits(IDS)[0] - our_logits(base, adapter)).max() < 1e-5
+    fused = loaded.backend.fused_weights()
+    assert set(streamed) == set(fused)
+    for name, value in fused.items():
+        assert np.array_equal(streamed[name], np.asarray(value, dtype=np.float32)), name

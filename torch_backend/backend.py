@@ -47,6 +47,18 @@ def to_numpy(t: torch.Tensor):
     return t.numpy().copy()
 
 
+def _float32_loader(t: torch.Tensor):
+    return lambda: t.detach().to("cpu", torch.float32).numpy().copy()
+
+
+def _fused_loader(layer):
+    @torch.no_grad()
+    def load():
+        return layer.fused_weight().to("cpu", torch.float32).numpy().copy()
+
+    return load
+
+
 def refuse_quantized(model_path: Path, config: dict) -> None:
     """MLX-quantized weights (packed uint32 + scales) mean nothing to transformers."""
     quant = config.get("quantization")
@@ -230,6 +242,26 @@ class TorchBackend:
             setattr(self.model.get_submodule(parent_path), child, base)
         self.plan = None
         return self.model_weights()
+
+    def fused_tensors(self) -> list:
+        """The state dict's tensors (tied copies once), each adapter layer's `base.weight` as its
+        merge under the layer's own name and its adapter weights left out."""
+        layers = dict(self._lora_layers())
+        out, seen = [], set()
+        for name, t in self.model.state_dict().items():
+            path, _, leaf = name.rpartition(".")
+            if path in layers:  # lora_A, lora_B, lora_magnitude_vector
+                continue
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            owner = path[: -len(".base")] if path.endswith(".base") else None
+            if owner in layers and leaf == "weight":
+                load = _fused_loader(layers[owner])
+            else:
+                load = _float32_loader(t)
+            out.append((f"{owner}.{leaf}" if owner in layers else name, tuple(t.shape), load))
+        return out
 
     def parameter_counts(self) -> tuple:
         params = list(self.model.parameters())

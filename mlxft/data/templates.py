@@ -56,6 +56,22 @@ def render(
         raise UserError(f"{what}: {message}") from None
 
 
+def render_text(template: str, messages: list, bos_token: str = "", eos_token: str = "") -> str:
+    """A template's text for `messages` with the generation prompt on, without a tokenizer
+    (a published template checked against another renderer): transformers' own renderer, so
+    the string is the one `render` gives for a tokenizer holding that template."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(
+        [messages],
+        chat_template=template,
+        add_generation_prompt=True,
+        bos_token=bos_token,
+        eos_token=eos_token,
+    )
+    return rendered[0]
+
+
 def chat_prompt_ids(tokenizer, messages: list, override: str | None = None) -> list:
     """Messages rendered with the chat template (+ the assistant header), as token ids.
     The template writes BOS itself, so the tokenizer must not add another (as mlx_lm.generate)."""

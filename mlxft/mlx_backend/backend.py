@@ -229,6 +229,11 @@ class MLXBackend:
 
         return fused_weights(self.model)
 
+    def fused_tensors(self) -> list:
+        from mlxft.mlx_backend.fuse import fused_tensors
+
+        return fused_tensors(self.model)
+
     def set_adapter_weights(self, weights: dict) -> None:
         for layer, name, value in match_adapter_weights(
             weights, dict(self._lora_layers()), self.plan.kind

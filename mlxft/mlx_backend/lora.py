@@ -18,9 +18,13 @@ def linear_shape(layer) -> tuple:
     return packed, out_features
 
 
+QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+
+
 def dense_weight(layer) -> mx.array:
-    """The (out, in) weight of a Linear, de-quantized for a QuantizedLinear."""
-    if isinstance(layer, nn.QuantizedLinear):
+    """The weight of a Linear (out, in) or Embedding (vocab, dims), de-quantized for their
+    quantized forms."""
+    if isinstance(layer, QUANTIZED):
         return mx.dequantize(
             layer.weight,
             layer.scales,

@@ -15,6 +15,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   if [ "$(uname -s)" = "Linux" ] && [ "$(uname -m)" = "x86_64" ]; then
     extra+=("torch==2.13.0")
   fi
+  # llama-cpp-python (a dev extra: the export tests' llama.cpp oracle) compiles llama.cpp from
+  # source on its first install; pip keeps the built wheel in its cache, so later runs reuse it.
+  # Its multimodal library is not needed, and all cores may compile.
+  export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
+  export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
   "$PY" -m pip install --quiet -e ".[dev]" "${extra[@]}"
   touch "$stamp"
 fi

@@ -408,6 +408,77 @@ CASES = [
         ("no test.jsonl for --test",),
         writes_to="adapter",
     ),
+    # ---------------------------------------------------------------- export (GGUF / Ollama)
+    Case(
+        "export-adapter-not-found",
+        lambda e: [
+            "export",
+            "--to",
+            "gguf",
+            "--model",
+            e.model,
+            "--adapter-path",
+            e.tmp / "no-adapter",
+            "--save-path",
+            e.out,
+        ],
+        ("no-adapter: adapter directory not found",),
+    ),
+    Case(
+        "export-unsupported-architecture",
+        lambda e: [
+            "export",
+            "--to",
+            "gguf",
+            "--save-path",
+            e.out,
+            "--model",
+            (
+                e.file("m/config.json", '{"model_type": "gpt2"}'),
+                e.file("m/model.safetensors", b"", binary=True),
+            )[0].parent,
+        ],
+        (
+            "architecture 'gpt2' cannot be exported to GGUF yet; "
+            "supported: llama, mistral, qwen2, qwen3, phi3",
+        ),
+    ),
+    Case(
+        "export-dora-to-gguf-lora",
+        lambda e: [
+            "export",
+            "--to",
+            "gguf-lora",
+            "--model",
+            e.model,
+            "--save-path",
+            e.out,
+            "--adapter-path",
+            e.file(
+                "dora/adapter_config.json",
+                json.dumps({"peft_type": "LORA", "use_dora": True, "r": 4}),
+            ).parent,
+        ],
+        ("a DoRA adapter cannot be a GGUF LoRA", "mlxft export --to gguf --adapter-path"),
+    ),
+    Case(
+        "export-unwritable-destination",
+        lambda e: [
+            "export",
+            "--to",
+            "gguf",
+            "--model",
+            e.model,
+            "--save-path",
+            e.file("blocker", "x") / "m.gguf",
+        ],
+        ("save_path: ", "blocker is a file, not a directory"),
+    ),
+    Case(
+        "export-ollama-no-chat-template",
+        lambda e: ["export", "--to", "ollama", "--model", e.model, "--save-path", e.out],
+        ("the tokenizer has no chat template", "--template FILE"),
+    ),
     # ---------------------------------------------------------------- resume
     Case("resume-no-checkpoint", lambda e: e.train("--resume"), ("--resume: no checkpoint in",)),
     Case(

@@ -101,6 +101,16 @@ class Backend(Protocol):
     def next_logits(self, token_id: int) -> np.ndarray:
         """Append one token to the cached sequence; float32 logits (vocab,) for the next."""
 
+    def start_batch_generation(self, prompts: list) -> np.ndarray:
+        """Prefill a batched KV cache with left-padded prompts; float32 logits (B, vocab) of
+        each row's last token (NotImplementedError: no batched cache, go one at a time)."""
+
+    def next_batch_logits(self, token_ids: list) -> np.ndarray:
+        """Append one token per row to the batched cache; float32 logits (B, vocab)."""
+
+    def end_generation(self) -> None:
+        """Drop the KV cache and restore the mode from before generation (LoRA dropout)."""
+
     def optimizer_state(self) -> dict:
         """Flat {PEFT key.slot: numpy, 'step': ...} in `mlxft.training.checkpoint`'s layout."""
 

@@ -12,6 +12,8 @@ import click
 from mlxft.commands.adapters import export, fuse, import_
 from mlxft.commands.bench import bench_command
 from mlxft.commands.convert import convert
+from mlxft.commands.data import data_command
+from mlxft.commands.evaluate import evaluate_command
 from mlxft.commands.generate import chat, generate
 from mlxft.commands.info import info, recipes
 from mlxft.commands.train import lora
@@ -34,7 +36,20 @@ def main():
     _one_line_warnings()
 
 
-for command in (info, recipes, lora, generate, chat, fuse, export, import_, convert, bench_command):
+for command in (
+    info,
+    recipes,
+    lora,
+    data_command,
+    evaluate_command,
+    generate,
+    chat,
+    fuse,
+    export,
+    import_,
+    convert,
+    bench_command,
+):
     main.add_command(command)
 
 

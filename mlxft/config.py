@@ -46,7 +46,8 @@ class Config:
     model: str | None = None
     """Model directory or Hugging Face hub id."""
     data: str | None = None
-    """Directory with train/valid[/test].jsonl, or one .jsonl/.json file (split by valid_split)."""
+    """Directory with train/valid[/test] .jsonl/.json/.parquet/.csv, one such file (split by
+    valid_split), a `save_to_disk` directory, or a hub dataset id (org/name)."""
     train: bool = False
     """Fine-tune."""
     test: bool = False
@@ -82,6 +83,9 @@ class Config:
     """A jinja chat template (text or file) instead of the tokenizer's."""
     use_chat_template: str = "auto"
     """prompt/completion records: auto (when the tokenizer has one) | true | false."""
+    hf_dataset: Any | None = None
+    """mlx-lm's block {path, name, config, train_split, valid_split, test_split, text_feature,
+    prompt_feature, completion_feature, chat_feature}, or a list of them (concatenated)."""
     # --- schedule of work
     iters: int | None = None
     """Optimizer steps (default: from epochs, else 1000)."""
@@ -120,6 +124,18 @@ class Config:
     """Validation batches (-1: all), spread over the length range."""
     test_batches: int = 500
     """Test batches (-1: all)."""
+    eval_every_epoch: bool = False
+    """Also validate at the end of each epoch."""
+    eval_prompts: Any | None = None
+    """Prompts generated greedily at each validation: a list, or a .txt/.jsonl/.json file."""
+    eval_max_tokens: int = 64
+    """Most tokens generated per eval prompt."""
+    early_stopping_patience: int | None = None
+    """Stop after N validations without a val-loss improvement (unset: never stop early)."""
+    early_stopping_min_delta: float = 0.0
+    """Smallest val-loss decrease that counts as an improvement."""
+    save_best: bool = False
+    """Keep the lowest-val-loss adapter in adapter_path/best/."""
     save_every: int = 100
     """Steps between checkpoints."""
     keep_checkpoints: int = 3
@@ -419,6 +435,64 @@ def _normalize_optimizer(value: dict, where: str) -> dict:
     return out
 
 
+HF_DATASET_KEYS = (
+    "path",
+    "name",
+    "config",
+    "train_split",
+    "valid_split",
+    "test_split",
+    "text_feature",
+    "prompt_feature",
+    "completion_feature",
+    "chat_feature",
+)
+
+
+def _normalize_hf_dataset(value: Any, where: str) -> Any:
+    """mlx-lm's `hf_dataset`: one mapping or a list of them, each with a `path` (hub id or local);
+    split and feature names are strings, `config` the extra keyword arguments of load_dataset."""
+    if value is None:
+        return None
+    entries = value if isinstance(value, list) else [value]
+    if not entries:
+        raise UserError(
+            f"{where}: hf_dataset is an empty list; give a mapping like {{path: org/name}}"
+        )
+    for i, entry in enumerate(entries):
+        at = "hf_dataset" + (f"[{i}]" if isinstance(value, list) else "")
+        if not isinstance(entry, dict):
+            raise UserError(
+                f"{where}: {at} must be a mapping like {{path: org/name, train_split: train}}"
+            )
+        for key in entry:
+            if key not in HF_DATASET_KEYS:
+                raise UserError(
+                    f"{where}: unknown key '{at}.{key}', {_closest(key, HF_DATASET_KEYS)}"
+                )
+        if not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise UserError(f"{where}: {at}.path must be a dataset id (org/name) or a local path")
+        for key in HF_DATASET_KEYS[1:]:
+            if key != "config" and entry.get(key) is not None and not isinstance(entry[key], str):
+                raise UserError(f"{where}: {at}.{key} must be a string, got {entry[key]!r}")
+        if entry.get("config") is not None and not isinstance(entry["config"], dict):
+            raise UserError(f"{where}: {at}.config must be a mapping of load_dataset arguments")
+    return value
+
+
+def _normalize_prompts(value: Any, where: str) -> Any:
+    """eval_prompts: a list of strings, or the path of a file with them (read when training
+    starts, after the tokenizer is loaded)."""
+    if value is None or isinstance(value, str):
+        return _expand(value)
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise UserError(
+            f"{where}: eval_prompts must be a list of non-empty strings, or a file path "
+            "(.txt: one prompt per line, .jsonl/.json: records with a prompt)"
+        )
+    return value
+
+
 def _expand(path: str | None) -> str | None:
     if path is None or "{{" in path or "{%" in path:  # an inline jinja template, not a path
         return None if path is None else path
@@ -461,6 +535,8 @@ def build_config(
     cfg.lr_schedule = _normalize_schedule(cfg.lr_schedule, where_of("lr_schedule"))
     cfg.lora_parameters = _normalize_lora(cfg.lora_parameters or {}, where_of("lora_parameters"))
     cfg.optimizer_config = _normalize_optimizer(cfg.optimizer_config, where_of("optimizer_config"))
+    cfg.hf_dataset = _normalize_hf_dataset(cfg.hf_dataset, where_of("hf_dataset"))
+    cfg.eval_prompts = _normalize_prompts(cfg.eval_prompts, where_of("eval_prompts"))
     for key in _PATH_KEYS:
         setattr(cfg, key, _expand(getattr(cfg, key)))
     _validate(cfg, where_of)
@@ -542,6 +618,17 @@ def _validate(cfg: Config, where_of) -> None:
         "test_batches",
         "test_batches must be -1 (all) or at least 1",
     )
+    need(cfg.eval_max_tokens >= 1, "eval_max_tokens", "eval_max_tokens must be at least 1")
+    need(
+        cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1,
+        "early_stopping_patience",
+        "early_stopping_patience must be at least 1 evaluation (or unset to never stop early)",
+    )
+    need(
+        cfg.early_stopping_min_delta >= 0,
+        "early_stopping_min_delta",
+        "early_stopping_min_delta must be >= 0",
+    )
     # what a backend cannot do, decided here so a run fails before it touches any file
     need(
         cfg.backend == "mlx" or cfg.quantize is None,
@@ -570,7 +657,7 @@ def _validate(cfg: Config, where_of) -> None:
             "no model: pass --model PATH_OR_HUB_ID or set 'model' in the config",
         )
         need(
-            cfg.data is not None,
+            cfg.data is not None or cfg.hf_dataset is not None,
             "data",
             "no data: pass --data DIR_OR_FILE or set 'data' in the config",
         )

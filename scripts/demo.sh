@@ -14,9 +14,16 @@ echo
 echo "=== Before fine-tuning (greedy) ==="
 $MLXFT generate --model "$MODEL" --prompt "$PROMPT" --max-tokens 40 --temp 0
 echo
+echo "=== Before fine-tuning: exact match, ROUGE-L, BLEU on the 100 validation rows ==="
+EVAL=(--model "$MODEL" --data examples/data/wikisql --split valid --text-split "A:" --max-tokens 64 --worst 1)
+$MLXFT evaluate "${EVAL[@]}"
+echo
 echo "=== Fine-tuning: LoRA r16 on all layers, 300 steps (configs/demo.yaml) ==="
 rm -rf adapters/demo
 $MLXFT lora --config configs/demo.yaml
 echo
 echo "=== After fine-tuning (greedy, same prompt) ==="
 $MLXFT generate --model "$MODEL" --adapter-path adapters/demo --prompt "$PROMPT" --max-tokens 40 --temp 0
+echo
+echo "=== After fine-tuning: the same validation rows ==="
+$MLXFT evaluate "${EVAL[@]}" --adapter-path adapters/demo --report adapters/demo/eval_valid.json

@@ -1,5 +1,6 @@
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ from tests.tiny_models import FAMILIES, build_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `datasets` caches what it reads (Parquet, CSV, hub ids): keep the tests' copies out of ~/.cache
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="mlxft-test-datasets-"))
 
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO / "examples" / "models" / "stories260K"

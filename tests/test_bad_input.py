@@ -82,6 +82,24 @@ class Case:
 
 
 TEXT = ['{"text": "hello world"}', '{"text": "another line"}']
+
+
+def parquet_dir(e: Env) -> Path:
+    """A local dataset directory (pq/train.parquet) that `load_dataset` reads by path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = e.tmp / "pq"
+    folder.mkdir(exist_ok=True)
+    rows = [{"text": "hello world"}, {"text": "another line"}]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "train.parquet")
+    return folder
+
+
+def yaml_block(block: dict) -> str:
+    return json.dumps({"hf_dataset": block})  # JSON is YAML
+
+
 CASES = [
     # ---------------------------------------------------------------- config
     Case(
@@ -267,8 +285,8 @@ CASES = [
     ),
     Case(
         "data-bad-extension",
-        lambda e: e.train(data=e.file("d.csv", "a,b\n")),
-        ("d.csv: unsupported data file type '.csv'",),
+        lambda e: e.train(data=e.file("d.txt", "a,b\n")),
+        ("d.txt: unsupported data file type '.txt'",),
     ),
     Case(
         "data-empty",
@@ -349,6 +367,64 @@ CASES = [
             ),
         ),
         ("d/train.jsonl: no usable train examples", "raise max_seq_length"),
+    ),
+    Case(
+        "data-hub-offline",
+        lambda e: e.train(data="nobody/no-such-dataset"),
+        (
+            "nobody/no-such-dataset: no such local path, and not a dataset in the Hugging Face "
+            "datasets cache while HF_HUB_OFFLINE=1",
+        ),
+    ),
+    Case(
+        "data-unknown-split",
+        lambda e: e.train(
+            "--config",
+            e.file("c.yaml", yaml_block({"path": str(parquet_dir(e)), "train_split": "nosuch"})),
+        ),
+        ("pq: unknown split 'nosuch' (Unknown split",),
+    ),
+    Case(
+        "data-missing-feature",
+        lambda e: e.train(
+            "--config",
+            e.file(
+                "c.yaml",
+                yaml_block(
+                    {
+                        "path": str(parquet_dir(e)),
+                        "train_split": "train",
+                        "valid_split": "train",
+                        "prompt_feature": "question",
+                    }
+                ),
+            ),
+        ),
+        ("pq[train]: no column 'question' (hf_dataset.prompt_feature); the columns are text",),
+    ),
+    Case(
+        "data-sharegpt-role",
+        lambda e: e.train(
+            data=e.data_dir(
+                "d",
+                [
+                    '{"conversations": [{"from": "human", "value": "hi"}, '
+                    '{"from": "bot", "value": "yo"}]}'
+                ],
+                TEXT,
+            )
+        ),
+        (
+            "d/train.jsonl:1: ShareGPT role 'bot' (conversations item 1) is not known; use one "
+            "of human, user, gpt",
+        ),
+    ),
+    Case(
+        "eval-prompt-too-long",
+        lambda e: e.train(
+            "--config", e.file("c.yaml", json.dumps({"eval_prompts": ["hi", "word " * 600]}))
+        ),
+        ("eval_prompts[1]: the prompt is ", " tokens, the model's context window is 512"),
     ),
     Case(
         "chat-template-file-missing",

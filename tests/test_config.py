@@ -117,7 +117,13 @@ def test_every_key_is_type_checked(tmp_path):
     from mlxft import config
 
     checked = config._BOOL_KEYS | config._INT_KEYS | config._FLOAT_KEYS | config._STR_KEYS
-    assert set(config.FIELDS) - checked == {"lr_schedule", "lora_parameters", "optimizer_config"}
+    assert set(config.FIELDS) - checked == {
+        "lr_schedule",
+        "lora_parameters",
+        "optimizer_config",
+        "hf_dataset",  # checked by _normalize_hf_dataset
+        "eval_prompts",  # checked by _normalize_prompts
+    }
     for key, bad, expected in (
         ("iters", "ten", "a whole number"),
         ("grad_clip", "x", "a number"),

@@ -148,11 +148,11 @@ def test_empty_file_unsupported_extension_and_duplicates(tmp_path, stories_tok):
     fails(lines_file(tmp_path, ["", "  "]), stories_tok, r"train.jsonl: no records")
     (tmp_path / "empty.json").write_text("[]")
     fails(tmp_path / "empty.json", stories_tok, r"empty.json: no records")
-    (tmp_path / "data.csv").write_text("text\nhello\n")
+    (tmp_path / "data.txt").write_text("text\nhello\n")
     fails(
-        tmp_path / "data.csv",
+        tmp_path / "data.txt",
         stories_tok,
-        r"data.csv: unsupported data file type '.csv'; use .jsonl",
+        r"data.txt: unsupported data file type '.txt'; use .jsonl",
     )
     (tmp_path / "scalar.json").write_text("42")
     fails(

@@ -180,3 +180,27 @@ def test_every_package_is_in_the_wheel_list():
     )
     on_disk = {name for name, path in modules().items() if path.name == "__init__.py"}
     assert on_disk - listed == set()
+
+
+def test_both_backends_have_every_protocol_method_with_its_parameters():
+    """`mlxft.backend.Backend` is the whole contract: a method added there (e.g. the batched
+    generation of `mlxft evaluate`) must exist in both backends under the same parameter names."""
+    import inspect
+
+    pytest.importorskip("torch")
+    from mlxft.backend import Backend
+    from mlxft.mlx_backend import MLXBackend
+    from mlxft.torch_backend import TorchBackend
+
+    methods = {
+        name: list(inspect.signature(member).parameters)
+        for name, member in vars(Backend).items()
+        if not name.startswith("_") and inspect.isfunction(member)
+    }
+    assert {"start_batch_generation", "next_batch_logits", "end_generation"} <= set(methods)
+    for cls in (MLXBackend, TorchBackend):
+        for name, params in methods.items():
+            assert hasattr(cls, name), f"{cls.__name__} lacks {name}"
+            assert list(inspect.signature(getattr(cls, name)).parameters) == params, (
+                f"{cls.__name__}.{name}"
+            )

@@ -34,7 +34,7 @@ from mlxft.torch_backend.device import (
     set_rng_state,
 )
 from mlxft.torch_backend.dora import DoRALinear
-from mlxft.torch_backend.generate import KVGeneration
+from mlxft.torch_backend.generate import BatchKVGeneration, KVGeneration
 from mlxft.torch_backend.lora import LoRALinear
 from mlxft.torch_backend.optim import load_optimizer_state, make_optimizer, optimizer_state
 
@@ -124,6 +124,7 @@ class TorchBackend:
         self._checkpointing = False
         self._training = None
         self._generation = None
+        self._mode_before_generation = None  # the training flag, restored by end_generation
         self._split = None  # (body, head) when the output head can run on trained positions only
 
     # ---------------------------------------------------------------- load
@@ -408,6 +409,7 @@ class TorchBackend:
         """Run the prompt, keep its KV cache; float32 logits (vocab,) for the next token."""
         if not prompt_ids:
             raise UserError("generation needs a non-empty prompt")
+        self._remember_mode()
         self._set_training(False)
         self._generation = KVGeneration(self.model, self._device)
         return self._generation.start(prompt_ids)
@@ -417,6 +419,32 @@ class TorchBackend:
         if self._generation is None:
             raise RuntimeError("next_logits before start_generation")
         return self._generation.step(token_id)
+
+    def start_batch_generation(self, prompts: list) -> np.ndarray:
+        """Prefill several prompts (left-padded); float32 logits (B, vocab) of each last token."""
+        if not prompts or not all(prompts):
+            raise UserError("generation needs non-empty prompts")
+        self._remember_mode()
+        self._set_training(False)
+        self._generation = BatchKVGeneration(self.model, self._device, prompts)
+        return self._generation.start()
+
+    def next_batch_logits(self, token_ids: list) -> np.ndarray:
+        """Feed one token per row through the batched cache; logits (B, vocab)."""
+        if self._generation is None:
+            raise RuntimeError("next_batch_logits before start_batch_generation")
+        return self._generation.step(token_ids)
+
+    def end_generation(self) -> None:
+        """Drop the KV cache and restore the mode from before generation (LoRA dropout)."""
+        self._generation = None
+        if self._mode_before_generation is not None:
+            self._set_training(self._mode_before_generation)
+        self._mode_before_generation = None
+
+    def _remember_mode(self) -> None:
+        if self._mode_before_generation is None:
+            self._mode_before_generation = bool(self._training)
 
     # ---------------------------------------------------------------- resume
     def optimizer_state(self) -> dict:

@@ -27,7 +27,9 @@ def _lora_overrides(kw: dict) -> dict:
     }
     if kw.get("warmup") is not None:
         out["lr_schedule"] = {"name": kw.get("lr_schedule") or "constant", "warmup": kw["warmup"]}
-    for flag in ("train", "test", "mask_prompt", "grad_checkpoint", "trust_remote_code", "resume"):
+    out["eval_prompts"] = list(kw.get("eval_prompts") or []) or None
+    switches = ("train", "test", "mask_prompt", "grad_checkpoint", "trust_remote_code", "resume")
+    for flag in (*switches, "save_best", "eval_every_epoch"):
         if not out.get(flag):
             out[flag] = None  # an absent switch must not override the YAML value
     return out, lora
@@ -40,7 +42,11 @@ def _lora_overrides(kw: dict) -> dict:
     help="YAML config, or a recipe's name (`mlxft recipes`); flags override its keys.",
 )
 @click.option("--model", help="Local model directory or Hugging Face hub id.")
-@click.option("--data", help="Directory with train/valid[/test].jsonl, or one .jsonl/.json file.")
+@click.option(
+    "--data",
+    help="Directory with train/valid[/test] .jsonl/.json/.parquet/.csv, one such file, a "
+    "save_to_disk directory, or a hub dataset id (org/name).",
+)
 @click.option("--train", is_flag=True, default=None, help="Fine-tune.")
 @click.option(
     "--test", is_flag=True, default=None, help="Report loss and perplexity on the test split."
@@ -80,6 +86,32 @@ def _lora_overrides(kw: dict) -> dict:
 @click.option("--val-batches", type=int)
 @click.option("--test-batches", type=int)
 @click.option("--save-every", type=int)
+@click.option(
+    "--early-stopping-patience",
+    type=int,
+    help="Stop after N evaluations without a val-loss improvement.",
+)
+@click.option(
+    "--early-stopping-min-delta",
+    type=float,
+    help="Smallest val-loss decrease that counts (default 0).",
+)
+@click.option(
+    "--save-best",
+    is_flag=True,
+    default=None,
+    help="Keep the best-validation adapter in adapter_path/best/.",
+)
+@click.option(
+    "--eval-every-epoch", is_flag=True, default=None, help="Also evaluate at the end of each epoch."
+)
+@click.option(
+    "--eval-prompt",
+    "eval_prompts",
+    multiple=True,
+    help="Generated greedily at each evaluation (repeatable).",
+)
+@click.option("--eval-max-tokens", type=int, help="Most tokens per eval prompt (default 64).")
 @click.option("--adapter-path", help="Output directory for the adapter (default ./adapters).")
 @click.option(
     "--resume-adapter-file",

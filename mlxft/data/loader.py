@@ -1,8 +1,10 @@
 """Data path → tokenized train/valid(/test) splits.
 
-Accepts a directory (train/valid/test .jsonl or .json) or one file that is split into
-train/valid by `valid_split`.  The carve is a seeded permutation of *records* (before
-tokenizing), so the same data + seed give the same split whatever max_seq_length is.
+Accepts a directory (train/valid/test .jsonl, .json, .parquet or .csv) or one file that is split
+into train/valid by `valid_split`; hub datasets, `hf_dataset` blocks and `save_to_disk`
+directories come through `sources.py` as the same (where, record) pairs.  The carve is a seeded
+permutation of *records* (before tokenizing), so the same data + seed give the same split
+whatever max_seq_length is.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxft.data.records import check_same_format, detect_format, read_records, validate
+from mlxft.data.records import EXTENSIONS, check_same_format, detect_format, read_records, validate
 from mlxft.data.render import Renderer, unwrap
+from mlxft.data.sources import TABLE_EXTENSIONS, external, read_parts, read_table
 from mlxft.data.tokenize import encode
 from mlxft.errors import UserError
 
@@ -29,7 +32,7 @@ class Split:
     sequences: list  # int32 token ids per example, after truncation
     masks: list  # bool per token: True where that token is a target (token 0 never)
     truncated: int  # examples cut to max_seq_length
-    format: str  # text | completion | chat | alpaca | template
+    format: str  # text | completion | chat | sharegpt | alpaca | template ("a+b": hf_dataset list)
     dropped: int = 0  # examples left with no target token (e.g. prompt >= max_seq_length)
 
     def __len__(self) -> int:
@@ -49,14 +52,18 @@ def pad_token_id(tokenizer) -> int:
 
 
 def _find(folder: Path, name: str):
-    found = [
-        folder / f"{name}{ext}"
-        for ext in (".jsonl", ".json")
-        if (folder / f"{name}{ext}").is_file()
-    ]
+    exts = EXTENSIONS + tuple(TABLE_EXTENSIONS)
+    found = [folder / f"{name}{ext}" for ext in exts if (folder / f"{name}{ext}").is_file()]
     if len(found) > 1:
-        raise UserError(f"{folder}: both {name}.jsonl and {name}.json exist; keep one")
+        raise UserError(f"{folder}: both {found[0].name} and {found[1].name} exist; keep one")
     return found[0] if found else None
+
+
+def _read(path: Path) -> list:
+    """(where, record) pairs of one data file: JSON here, Parquet/CSV through `datasets`."""
+    if path.suffix.lower() in TABLE_EXTENSIONS:
+        return read_table(path)
+    return read_records(path)
 
 
 def _carve(records: list, cfg, path: Path) -> tuple[list, list]:
@@ -110,41 +117,71 @@ def _file_format(records: list, cfg) -> str:
 
 
 def load_splits(cfg, tokenizer) -> dict:
-    """{'train', 'valid'[, 'test']: Split} from cfg.data, tokenized with `tokenizer`."""
-    if not cfg.data:
-        raise UserError("no data: pass --data DIR_OR_FILE or set 'data' in the config")
-    path = Path(os.path.expanduser(str(cfg.data)))
-    if not path.exists():
-        raise UserError(
-            f"{path}: data path not found; give a directory with train.jsonl "
-            "(and optionally valid.jsonl, test.jsonl) or a single .jsonl/.json file"
-        )
+    """{'train', 'valid'[, 'test']: Split} from cfg.data (or cfg.hf_dataset), tokenized with
+    `tokenizer`."""
+    _need_data(cfg)
     renderer = Renderer(cfg, tokenizer)
-    raw: dict = {}  # name -> (source, records, fmt)
-    if path.is_dir():
-        files = {name: _find(path, name) for name in SPLITS}
-        if files["train"] is None:
-            raise UserError(
-                f"{path}: no train.jsonl (or train.json) in this directory; "
-                "a data directory needs train.jsonl and optionally valid.jsonl and test.jsonl"
-            )
-        for name, file in files.items():
-            if file is not None:
-                records = read_records(file)
-                raw[name] = (file, records, _file_format(records, cfg))
-        if "valid" not in raw:
-            source, records, fmt = raw["train"]
-            train, valid = _carve(records, cfg, source)
-            raw["train"], raw["valid"] = (source, train, fmt), (source, valid, fmt)
-    else:
-        records = read_records(path)
-        fmt = _file_format(records, cfg)
-        train, valid = _carve(records, cfg, path)
-        raw = {"train": (path, train, fmt), "valid": (path, valid, fmt)}
     splits = {
-        name: _tokenize(name, src, recs, fmt, renderer, cfg)
-        for name, (src, recs, fmt) in raw.items()
+        name: _tokenize_parts(name, found, renderer, cfg)
+        for name, found in load_records(cfg).items()
     }
     for notice in renderer.notices:
         warnings.warn(notice, UserWarning, stacklevel=2)
     return splits
+
+
+def load_records(cfg) -> dict:
+    """{'train', 'valid'[, 'test']: [(source, [(where, record)], format)]}, before tokenizing
+    (`mlxft evaluate` reads its prompts and references from here)."""
+    _need_data(cfg)
+    found = read_parts(cfg) if external(cfg) else _local_parts(cfg)
+    parts = {
+        name: [(src, records, _file_format(records, cfg)) for src, records in part]
+        for name, part in found.items()
+    }
+    if "valid" not in parts:  # carve a validation set from each training source
+        carved = [(src, fmt, _carve(records, cfg, src)) for src, records, fmt in parts["train"]]
+        parts["train"] = [(src, train, fmt) for src, fmt, (train, _) in carved]
+        parts["valid"] = [(src, valid, fmt) for src, fmt, (_, valid) in carved]
+    return parts
+
+
+def _need_data(cfg) -> None:
+    if not cfg.data and cfg.hf_dataset is None:
+        raise UserError("no data: pass --data DIR_OR_FILE or set 'data' in the config")
+
+
+def _local_parts(cfg) -> dict:
+    """{split: [(file, records)]} from a data directory or one data file."""
+    path = Path(os.path.expanduser(str(cfg.data)))
+    if not path.exists():
+        raise UserError(
+            f"{path}: data path not found; give a directory with train.jsonl "
+            "(and optionally valid.jsonl, test.jsonl), a single .jsonl/.json/.parquet/.csv file, "
+            "or a hub dataset id (org/name)"
+        )
+    if not path.is_dir():
+        return {"train": [(path, _read(path))]}
+    files = {name: _find(path, name) for name in SPLITS}
+    if files["train"] is None:
+        raise UserError(
+            f"{path}: no train.jsonl (or train.json) in this directory; a data directory needs "
+            "train.jsonl (or .json, .parquet, .csv) and optionally valid and test files"
+        )
+    return {name: [(file, _read(file))] for name, file in files.items() if file is not None}
+
+
+def _tokenize_parts(name: str, found: list, renderer: Renderer, cfg) -> Split:
+    """One split from one source (or several `hf_dataset` entries, each in its own format)."""
+    splits = [_tokenize(name, src, records, fmt, renderer, cfg) for src, records, fmt in found]
+    if len(splits) == 1:
+        return splits[0]
+    return Split(
+        name,
+        ", ".join(s.source for s in splits),
+        [q for s in splits for q in s.sequences],
+        [m for s in splits for m in s.masks],
+        sum(s.truncated for s in splits),
+        "+".join(dict.fromkeys(s.format for s in splits)),
+        sum(s.dropped for s in splits),
+    )

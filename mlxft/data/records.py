@@ -17,9 +17,19 @@ EXTENSIONS = (".jsonl", ".json")
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 FORMATS_HELP = (
     '{"text"}, {"prompt", "completion"}, {"messages": [{"role", "content"}, ...]}, '
+    '{"conversations": [{"from", "value"}, ...]} (ShareGPT), '
     '{"instruction", "input", "output"} (alpaca), or any keys with '
     "prompt_template/completion_template"
 )
+# ShareGPT speakers -> chat roles (the `messages` path renders and masks them from here on)
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+}
 
 
 def _json_problem(err) -> str:
@@ -38,7 +48,8 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
     if path.suffix not in EXTENSIONS:
         raise UserError(
             f"{path}: unsupported data file type '{path.suffix or '(none)'}'; "
-            "use .jsonl (one JSON object per line) or .json (a JSON array of objects)"
+            "use .jsonl (one JSON object per line), .json (a JSON array of objects), .parquet "
+            "or .csv"
         )
     raw = path.read_bytes()
     if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM, as some editors on Windows write
@@ -141,6 +152,8 @@ def detect_format(record: dict, where: str, has_template: bool) -> str:
         return "template"
     if "messages" in record:
         return "chat"
+    if "conversations" in record:
+        return "sharegpt"
     if "prompt" in record and "completion" in record:
         return "completion"
     if "instruction" in record and "output" in record:
@@ -184,6 +197,38 @@ def validate(record: dict, fmt: str, where: str) -> None:
                 and isinstance(msg.get("content"), str)
             ):
                 raise UserError(f"{where}: 'messages' must be {shape}; item {i} is {_short(msg)}")
+    elif fmt == "sharegpt":
+        _validate_sharegpt(record, where)
+
+
+def _validate_sharegpt(record: dict, where: str) -> None:
+    turns = record["conversations"]
+    shape = 'a list of {"from": "human"|"gpt"|"system", "value": ...} objects'
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where}: 'conversations' must be {shape}, got {_short(turns)}")
+    for i, turn in enumerate(turns):
+        if not (
+            isinstance(turn, dict)
+            and isinstance(turn.get("from"), str)
+            and isinstance(turn.get("value"), str)
+        ):
+            raise UserError(f"{where}: 'conversations' must be {shape}; item {i} is {_short(turn)}")
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise UserError(
+                f"{where}: ShareGPT role '{turn['from']}' (conversations item {i}) is not known; "
+                f"use one of {', '.join(SHAREGPT_ROLES)}"
+            )
+    _need_str(record, "system", where, optional=True)
+    if record.get("system") and turns[0]["from"] == "system":
+        raise UserError(f"{where}: both a 'system' field and a system turn; keep one")
+
+
+def sharegpt_messages(record: dict) -> list:
+    """A validated ShareGPT record as chat messages (the optional `system` field first)."""
+    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    return system + [
+        {"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]
+    ]
 
 
 def check_same_format(formats: list[str], records: list[tuple[str, dict]]) -> str:

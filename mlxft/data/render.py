@@ -8,6 +8,7 @@ assume a template's turn markers tokenize the same alone as in context.
 
 from __future__ import annotations
 
+from mlxft.data.records import sharegpt_messages
 from mlxft.data.templates import read_chat_template, render
 from mlxft.errors import UserError
 
@@ -88,6 +89,8 @@ class Renderer:
                 {"role": "user", "content": record["prompt"]},
                 {"role": "assistant", "content": record["completion"]},
             ]
+        elif fmt == "sharegpt":
+            messages = sharegpt_messages(record)
         else:
             messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
         if self.template is None:

@@ -31,12 +31,17 @@ class Loaded:
 
     @property
     def context_length(self) -> int | None:
-        """The longest sequence the model was built for (None when the config does not say)."""
-        cfg = self.model_config
-        value = (
-            cfg.get("max_position_embeddings") or cfg.get("n_positions") or cfg.get("seq_length")
-        )
-        return int(value) if value else None
+        return context_length(self.model_config)
+
+
+def context_length(model_config: dict) -> int | None:
+    """The longest sequence the model was built for (None when its config.json does not say)."""
+    value = (
+        model_config.get("max_position_embeddings")
+        or model_config.get("n_positions")
+        or model_config.get("seq_length")
+    )
+    return int(value) if value else None
 
 
 def trained_quantization(adapter_path: str | None) -> dict:

@@ -120,6 +120,8 @@ class MLXBackend:
         self._eval = None
         self._loss = loss_sum
         self.training_notes = []
+        self._generation = None
+        self._mode_before_generation = None  # the model's training flag, restored at the end
 
     # ---------------------------------------------------------------- load
     @property
@@ -391,6 +393,7 @@ class MLXBackend:
         """New KV cache, prefill `prompt_ids`; float32 logits of the last position, (vocab,)."""
         from mlxft.mlx_backend.generate import KVGeneration
 
+        self._remember_mode()
         self.model.eval()
         self._generation = KVGeneration(self.model)
         return self._generation.start(prompt_ids)
@@ -398,6 +401,30 @@ class MLXBackend:
     def next_logits(self, token_id: int) -> np.ndarray:
         """Feed one generated token through the cache; logits for the next position."""
         return self._generation.step(token_id)
+
+    def start_batch_generation(self, prompts: list) -> np.ndarray:
+        """Prefill several prompts (left-padded); float32 logits (B, vocab) of each last token."""
+        from mlxft.mlx_backend.generate import BatchKVGeneration
+
+        self._remember_mode()
+        self.model.eval()
+        self._generation = BatchKVGeneration(self.model, prompts)
+        return self._generation.start()
+
+    def next_batch_logits(self, token_ids: list) -> np.ndarray:
+        """Feed one token per row through the batched cache; logits (B, vocab)."""
+        return self._generation.step(token_ids)
+
+    def end_generation(self) -> None:
+        """Drop the KV cache and restore the mode from before generation (LoRA dropout)."""
+        self._generation = None
+        if self._mode_before_generation is not None:
+            self.model.train(self._mode_before_generation)
+        self._mode_before_generation = None
+
+    def _remember_mode(self) -> None:
+        if self._mode_before_generation is None:
+            self._mode_before_generation = self.model.training
 
     # ---------------------------------------------------------------- resume
     def optimizer_state(self) -> dict:

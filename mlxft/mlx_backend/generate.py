@@ -34,3 +34,33 @@ class KVGeneration:
 
     def step(self, token_id: int) -> np.ndarray:
         return np.array(self._forward([int(token_id)]))
+
+
+class BatchKVGeneration:
+    """Several sequences at once (greedy evaluation): prompts left-padded, mlx-lm's BatchKVCache
+    masks the padding and gives each row its own RoPE offset."""
+
+    def __init__(self, model, prompts: list):
+        from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+
+        layers = make_prompt_cache(model)
+        if any(type(c) is not KVCache for c in layers):  # sliding-window, recurrent: one at a time
+            raise NotImplementedError("this model's cache has no batched form here")
+        self.model = model
+        width = max(len(p) for p in prompts)
+        self.rows = [[0] * (width - len(p)) + [int(t) for t in p] for p in prompts]
+        self.cache = [BatchKVCache([width - len(p) for p in prompts]) for _ in layers]
+
+    def _forward(self, tokens: mx.array) -> np.ndarray:
+        return np.array(self.model(tokens, cache=self.cache)[:, -1].astype(mx.float32))
+
+    def start(self) -> np.ndarray:
+        ids = mx.array(self.rows)
+        while ids.shape[1] > PREFILL_CHUNK:
+            self.model(ids[:, :PREFILL_CHUNK], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+            ids = ids[:, PREFILL_CHUNK:]
+        return self._forward(ids)
+
+    def step(self, token_ids: list) -> np.ndarray:
+        return self._forward(mx.array([[int(t)] for t in token_ids]))

@@ -52,7 +52,16 @@ IDENTITY = (
 )
 LORA_IDENTITY = ("rank", "scale", "dropout", "keys")
 # Settings that may change on resume (the run then differs from an uninterrupted one: we say so).
-SCHEDULE = ("iters", "epochs", "learning_rate", "lr_schedule", "weight_decay", "grad_clip")
+SCHEDULE = (
+    "iters",
+    "epochs",
+    "learning_rate",
+    "lr_schedule",
+    "weight_decay",
+    "grad_clip",
+    "early_stopping_patience",
+    "early_stopping_min_delta",
+)
 
 
 @dataclass
@@ -230,9 +239,17 @@ def set_numpy_rng_state(state: dict) -> None:
 
 # --------------------------------------------------------------------------- write / read
 def write_checkpoint(
-    adapter_path: Path, pos: Position, save_weights, cfg, backend, fingerprint_: dict, keep: int
+    adapter_path: Path,
+    pos: Position,
+    save_weights,
+    cfg,
+    backend,
+    fingerprint_: dict,
+    keep: int,
+    extra_state: dict | None = None,
 ) -> Path:
-    """checkpoints/step-NNNNNNN, atomically; then only the newest `keep` are kept."""
+    """checkpoints/step-NNNNNNN, atomically; then only the newest `keep` are kept.
+    `extra_state` (e.g. early stopping's) is stored in trainer_state.json beside the position."""
     target = Path(adapter_path) / CHECKPOINTS / f"step-{pos.step:07d}"
     tensors = {f"optim.{k}": np.ascontiguousarray(v) for k, v in backend.optimizer_state().items()}
     rng = dict(numpy_rng_state(), **backend.rng_state())
@@ -242,6 +259,7 @@ def write_checkpoint(
         "position": asdict(pos),
         "backend": backend.name,
         "fingerprint": fingerprint_,
+        **(extra_state or {}),
     }
     with atomic_dir(target, replace=True) as tmp:
         save_weights(tmp)

@@ -2,7 +2,8 @@
 
 metrics.jsonl is a public contract users plot from.  Every line has `step`, then
 `train_loss` or `val_loss` (or `test_loss`), and `learning_rate`, `tokens_per_second`,
-`iterations_per_second`, `trained_tokens`, `peak_memory_gb`.
+`iterations_per_second`, `trained_tokens`, `peak_memory_gb`.  Validation lines of a run with
+`eval_prompts` add `samples`: [{"prompt", "output"}], the greedy generations at that step.
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ class Reporter:
         tps: float,
         trained: int,
         peak: float,
+        samples: list | None = None,
     ):
+        """A validation (or test) report; `samples` ([{"prompt", "output"}], the eval_prompts
+        generations) go into the JSON line and one console line each."""
         record = {
             "step": step,
             f"{kind}_loss": loss,
@@ -103,17 +107,33 @@ class Reporter:
             "trained_tokens": trained,
             "peak_memory_gb": peak,
         }
+        if samples is not None:
+            record["samples"] = samples
         self._write(record)
         name = {"val": "Val", "test": "Test"}[kind]
         self.echo(
             f"Iter {step}: {name} loss {loss:.3f}, {name} ppl {_ppl(loss):.3f}, {name} took "
             f"{seconds:.2f}s"
         )
+        for line in sample_lines(step, samples or []):
+            self.echo(line)
 
     def close(self) -> None:
         self.clear_progress()
         if self._handle:
             self._handle.close()
+
+
+def sample_lines(step: int, samples: list) -> list:
+    """One console line per sample: the prompt's end and the whole output, JSON-quoted."""
+    lines = []
+    for i, s in enumerate(samples, 1):
+        prompt = s["prompt"] if len(s["prompt"]) <= 60 else "…" + s["prompt"][-59:]
+        lines.append(
+            f"Iter {step}: sample {i}/{len(samples)}: {json.dumps(prompt, ensure_ascii=False)} -> "
+            f"{json.dumps(s['output'], ensure_ascii=False)}"
+        )
+    return lines
 
 
 def _ppl(loss: float) -> float:

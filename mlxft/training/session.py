@@ -4,7 +4,9 @@ One loop for both backends (the backend owns only tensor work).  `Session` loads
 its tokenizer and data once; `steps()` runs optimizer steps and yields what each did (the
 benchmark worker times exactly these); `train()` wraps them with validation, reports,
 checkpoints and guards, and returns a `TrainResult`.  Validation runs before the first update,
-every `steps_per_eval` and at the end.  Checkpoints (`mlxft.training.checkpoint`) let
+every `steps_per_eval`, at the end (and at each epoch's end with `eval_every_epoch`); with
+`eval_prompts` it also generates samples, and `mlxft.training.early_stopping` may end the run
+there and keeps the best adapter.  Checkpoints (`mlxft.training.checkpoint`) let
 `--resume` continue a killed run exactly; `mlxft.training.guards` stops it cleanly on a
 diverged loss, out of memory or Ctrl-C.
 """
@@ -26,6 +28,8 @@ from mlxft.data import Split, epoch_batches, eval_batches, padding_fraction
 from mlxft.errors import UserError
 from mlxft.training import checkpoint, guards, planner
 from mlxft.training.checkpoint import Position
+from mlxft.training.early_stopping import EarlyStopping, Epochs
+from mlxft.training.eval_samples import EvalSamples
 from mlxft.training.inputs import read_inputs
 from mlxft.training.metrics import METRICS_FILE, Reporter
 from mlxft.training.schedule import learning_rate
@@ -106,6 +110,7 @@ class Session:
         self.saved_step = 0
         self.first_val_loss: float | None = None
         self.last_val_loss: float | None = None
+        self.monitor: EarlyStopping | None = None
 
     # ------------------------------------------------------------------ header
     def header(self, iters: int, batches_per_epoch: int, pad_frac: float) -> list:
@@ -175,7 +180,14 @@ class Session:
         )
         iters = total_iters(cfg, len(first_epoch))
         val = eval_batches(self.splits["valid"], cfg.batch_size, self.pad_id, cfg.val_batches)
+        samples = self._eval_samples()  # checked before anything is written
         pos, notes, restored = self._start(iters)
+        self.monitor = monitor = EarlyStopping(
+            cfg.early_stopping_patience, cfg.early_stopping_min_delta, cfg.save_best, self.out
+        )
+        monitor.start(self.checkpoint, restored[0].get("early_stopping") if restored else None)
+        notes.append(monitor.describe())
+        epochs = Epochs(len(first_epoch))
         reporter = Reporter(self.out / METRICS_FILE, iters, quiet=self.quiet)
         memory, self.estimate = planner.header_line(cfg, self.model_path, self.longest)
         header = self.header(iters, len(first_epoch), padding_fraction(first_epoch))
@@ -213,13 +225,16 @@ class Session:
                 tps,
                 pos.trained_tokens,
                 backend.peak_memory_gb(),
+                samples.run(backend) if samples else None,
             )
+            monitor.update(step, loss, self.save_adapter)
             return loss
 
         with guards.StopRequest() as stop:
             try:
                 if not self.checkpoint:
                     self.first_val_loss = evaluate(0)
+                epochs_done = epochs.completed(pos)
                 for step in self.steps(pos, iters, stop):
                     guards.check_finite(
                         step.step,
@@ -243,8 +258,17 @@ class Session:
                             step.grad_norm,
                         )
                         window.reset()
-                    if step.step % cfg.steps_per_eval == 0 or step.step == iters:
+                    evaluated = step.step % cfg.steps_per_eval == 0 or step.step == iters
+                    if evaluated:
                         self.last_val_loss = evaluate(step.step)
+                    epoch, epochs_done = epochs.ended(epochs_done, pos), epochs.completed(pos)
+                    if epoch:
+                        reporter.echo(f"Epoch {epoch} done at step {step.step}")
+                        if cfg.eval_every_epoch and not evaluated:
+                            self.last_val_loss = evaluate(step.step)
+                    if monitor.stopped:
+                        reporter.echo(monitor.reason(step.step))
+                        break
                     if step.step % cfg.save_every == 0 and step.step != iters:
                         self.save_checkpoint(pos)
                 if stop.requested and pos.step < iters:
@@ -262,6 +286,12 @@ class Session:
         return TrainResult(
             self.out, pos.step, pos.trained_tokens, self.first_val_loss, self.last_val_loss
         )
+
+    def _eval_samples(self):
+        """eval_prompts, tokenized and checked against the context window (None when unset)."""
+        if not self.cfg.eval_prompts:
+            return None
+        return EvalSamples(self.cfg, self.tokenizer, self.model_path, self.splits["train"].format)
 
     def _start(self, iters: int) -> tuple:
         """(position, notices, checkpoint contents or None), with adapter_path ready for this run.
@@ -342,15 +372,24 @@ class Session:
         )
 
     def save_checkpoint(self, pos: Position) -> Path:
-        """checkpoints/step-NNNNNNN: weights, config, optimizer state, RNG, data position."""
+        """checkpoints/step-NNNNNNN: weights, config, optimizer state, RNG, data position; best/
+        and the early-stopping state travel with it, so a resumed run continues both exactly."""
+        monitor = self.monitor
+
+        def save(tmp: Path) -> None:
+            self.save_adapter(tmp)
+            if monitor is not None:
+                monitor.attach(tmp)
+
         self.last_checkpoint = checkpoint.write_checkpoint(
             self.out,
             pos,
-            self.save_adapter,
+            save,
             self.cfg,
             self.backend,
             self.fingerprint,
             self.cfg.keep_checkpoints,
+            {"early_stopping": monitor.state()} if monitor else None,
         )
         self.saved_step = pos.step
         return self.last_checkpoint
@@ -358,7 +397,8 @@ class Session:
     # ------------------------------------------------------------------ test
     def test(self) -> float:
         if "test" not in self.splits:
-            raise UserError(f"{self.cfg.data}: no test.jsonl for --test")
+            where = self.cfg.data or "hf_dataset (set its test_split)"
+            raise UserError(f"{where}: no test.jsonl for --test")
         batches = eval_batches(
             self.splits["test"], self.cfg.batch_size, self.pad_id, self.cfg.test_batches
         )

@@ -1,0 +1,108 @@
+"""`mlxft data`: what the trainer will see, before it sees it.
+
+Everything comes from the trainer's own path (`load_splits`, `epoch_batches`): the rendered
+examples are decoded from the token ids, and the marked spans are the tokens whose target mask
+is on, so a wrong chat template or mask shows here exactly as it would train.  Spans are decoded
+in context (the text of ids[:end] minus the text of ids[:start]) so SentencePiece's leading
+spaces and multi-byte characters come out as the tokenizer writes them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlxft.data.batching import epoch_batches, padding_fraction
+
+GREEN, RESET = "\x1b[32;1m", "\x1b[0m"
+
+
+def spans(tokenizer, ids, mask) -> list:
+    """[(text, trained)] runs of consecutive tokens with the same mask value, decoded in context."""
+    ids = [int(t) for t in ids]
+    mask = np.asarray(mask, dtype=bool)
+    cache: dict = {}
+
+    def text(n: int) -> str:
+        if n not in cache:
+            cache[n] = tokenizer.decode(
+                ids[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+        return cache[n]
+
+    out, start = [], 0
+    for end in range(1, len(ids) + 1):
+        if end < len(ids) and mask[end] == mask[start]:
+            continue
+        before, upto = text(start), text(end)
+        piece = (
+            upto[len(before) :]
+            if upto.startswith(before)
+            else tokenizer.decode(
+                ids[start:end], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+        )
+        out.append((piece, bool(mask[start])))
+        start = end
+    return out
+
+
+def mark(runs: list, color: bool) -> str:
+    """Trained runs in colour (a terminal) or between [[ and ]] (anything else)."""
+    open_, close = (GREEN, RESET) if color else ("[[", "]]")
+    return "".join(f"{open_}{t}{close}" if trained and t else t for t, trained in runs)
+
+
+def histogram(lengths, bins: int = 10, width: int = 40) -> list:
+    """Text bars of example lengths (tokens)."""
+    lengths = np.asarray(lengths)
+    if lengths.min() == lengths.max():
+        return [f"  {int(lengths[0]):>6} tokens | {'#' * width} {len(lengths)}"]
+    counts, edges = np.histogram(lengths, bins=min(bins, int(lengths.max() - lengths.min()) + 1))
+    top = max(int(counts.max()), 1)
+    return [
+        f"  {int(np.ceil(lo)):>6}-{int(np.floor(hi)):<6}| "
+        f"{'#' * round(width * c / top):<{width}} {c}"
+        for lo, hi, c in zip(edges[:-1], edges[1:], counts)
+    ]
+
+
+def split_lines(name: str, split, max_seq_length: int) -> list:
+    lengths = np.array([len(s) for s in split.sequences])
+    trained = int(sum(int(np.sum(m)) for m in split.masks))
+    total = int(lengths.sum())
+    return [
+        f"Data {name}: {len(split)} examples, format {split.format}, from {split.source}",
+        f"  tokens {total} ({trained} trained, {100 * trained / max(total, 1):.1f}%); length min "
+        f"{lengths.min()}, median {int(np.median(lengths))}, max {lengths.max()}; "
+        f"{split.truncated} truncated to max_seq_length {max_seq_length}, "
+        f"{split.dropped} dropped (no trained token left)",
+    ]
+
+
+def report(cfg, splits: dict, tokenizer, pad_id: int, split: str, count: int, color: bool) -> list:
+    """The whole `mlxft data` output, as lines."""
+    from mlxft.data.render import unwrap
+
+    tok = unwrap(tokenizer)
+    lines = []
+    for name, s in splits.items():
+        lines += split_lines(name, s, cfg.max_seq_length)
+    train = splits["train"]
+    lines.append("Length histogram (train, tokens per example):")
+    lines += histogram([len(s) for s in train.sequences])
+    batches = epoch_batches(train, cfg.batch_size, seed=cfg.seed, epoch=0, pad_id=pad_id)
+    lines.append(
+        f"Batching: {len(batches)} batches of up to {cfg.batch_size} per epoch (length-sorted), "
+        f"padding {100 * padding_fraction(batches):.1f}% of batch positions"
+    )
+    chosen = splits[split]
+    legend = "green" if color else "between [[ and ]]"
+    lines.append(
+        f"First {min(count, len(chosen))} {split} examples as the model sees them; "
+        f"trained tokens {legend}:"
+    )
+    for i in range(min(count, len(chosen))):
+        ids, mask = chosen.sequences[i], chosen.masks[i]
+        lines.append(f"--- {split} example {i + 1}: {len(ids)} tokens, {int(np.sum(mask))} trained")
+        lines.append(mark(spans(tok, ids, mask), color))
+    return lines

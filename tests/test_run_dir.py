@@ -230,3 +230,23 @@ def test_temporaries_a_kill_left_are_swept_at_the_next_start(stories, data, run)
     assert not any(p.exists() for p in planted[:2])
     assert not any(p.parent.exists() for p in planted[2:])
     assert all(p.read_text() == "not ours" for p in theirs)
+
+
+def test_a_full_fine_tune_moves_its_model_files_too(tiny_llama, data, tmp_path):
+    """A full fine-tune's adapter_path is a model directory: a fresh run moves those files
+    aside with the rest, except when it trains the very model in adapter_path."""
+    out = tmp_path / "full"
+    full = ["--fine-tune-type", "full", "--num-layers", "-1", "--iters", "1"]
+    assert lora(tiny_llama, data, out, *full).exit_code == 0
+    model = (out / "model.safetensors").read_bytes()
+    result = lora(tiny_llama, data, out, *full, "--learning-rate", "1e-3")
+    assert result.exit_code == 0, result.output
+    (previous,) = (out / "previous-runs").iterdir()
+    assert (previous / "model.safetensors").read_bytes() == model
+    assert {"config.json", "tokenizer.json", "mlxft_config.yaml"} <= {
+        p.name for p in previous.iterdir()
+    }
+    result = lora(out, data, out, *full)  # go on training the model in adapter_path
+    assert result.exit_code == 0, result.output
+    (newest,) = sorted((out / "previous-runs").iterdir())[1:]
+    assert not (newest / "model.safetensors").exists() and (out / "config.json").is_file()

@@ -167,24 +167,25 @@ def _was_full(adapter_path: Path) -> bool:
     return isinstance(saved, dict) and saved.get("fine_tune_type") == "full"
 
 
-def earlier_run(adapter_path: Path) -> list:
-    """The entries of an earlier run in `adapter_path` (empty when there is none)."""
+def earlier_run(adapter_path: Path, model_files: bool = True) -> list:
+    """The entries of an earlier run in `adapter_path` (empty when there is none); a full
+    fine-tune's model files too, unless `model_files` is off (this run trains that model)."""
     adapter_path = Path(adapter_path)
     if not adapter_path.is_dir():
         return []
     found = [adapter_path / name for name in RUN_FILES if (adapter_path / name).exists()]
-    if found and _was_full(adapter_path):
+    if found and model_files and _was_full(adapter_path):
         for pattern in MODEL_PATTERNS + AUX_PATTERNS:
             found += [p for p in sorted(adapter_path.glob(pattern)) if p not in found]
     return found
 
 
-def move_aside(adapter_path: Path) -> str | None:
+def move_aside(adapter_path: Path, model_files: bool = True) -> str | None:
     """Move an earlier run's files into `previous-runs/<time>/` (call with the lock held).
 
     Each entry is one rename on the same filesystem: a crash part-way leaves every file either
     in its old place or in the new folder, never lost; the next fresh run moves the rest."""
-    entries = earlier_run(adapter_path)
+    entries = earlier_run(adapter_path, model_files)
     if not entries:
         return None
     root = Path(adapter_path) / PREVIOUS_RUNS

@@ -316,8 +316,9 @@ class Session:
         if self.checkpoint:
             self._check_unchanged(restored[0])
             notes += checkpoint.rewind(self.out, pos.step)
-        else:
-            notes.append(run_dir.move_aside(self.out))
+        else:  # a full fine-tune of the model in adapter_path itself still reads its files
+            in_place = self.model_path.resolve() == self.out.resolve()
+            notes.append(run_dir.move_aside(self.out, model_files=not in_place))
         save_config(replace(self.cfg, resume=False, resume_from=None), self.out / CONFIG_FILE)
         return notes
 

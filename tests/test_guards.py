@@ -287,7 +287,9 @@ def test_final_validation_guards_the_adapter(stories, tmp_path, monkeypatch):
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_a_run_stalled_at_uniform_predictions_warns(backend, stories, tmp_path):
     """AdamW at learning rate 1e6 saturates the adapter within a few steps: the loss sits at
-    ln(512) with zero gradients.  The run finishes, but says so."""
+    ln(512) with zero gradients.  The run finishes, but says so.  (On torch the saturated
+    backward sometimes overflows to a NaN gradient instead, depending on the matmul library and
+    threads: then the guard stops the run; either way it never ends silently.)"""
     out = tmp_path / "out"
     args = [
         "lora",
@@ -310,6 +312,9 @@ def test_a_run_stalled_at_uniform_predictions_warns(backend, stories, tmp_path):
         "1",
     ]
     result = CliRunner().invoke(main, [str(a) for a in args])
+    if backend == "torch" and result.exit_code == 2:
+        assert "the gradient norm and updated weights became non-finite" in one_error_line(result)
+        return
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning: step")]
     assert len(warnings) == 1, result.stderr

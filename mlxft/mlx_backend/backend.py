@@ -309,9 +309,12 @@ class MLXBackend:
             else:
                 norm = _global_norm(grads)
             optimizer.update(model, grads)
-            return norm, _usable(model.trainable_parameters(), optimizer.state)
+            return norm
 
         self._grads_of, self._apply, self._state = grads_of, apply, state
+        # evaluated after the step's own graph: inside it, it changes MLX's evaluation order and
+        # with it the step's peak memory, which the memory planner is calibrated against
+        self._usable = mx.compile(_usable) if use_compile() else _usable
 
     def _choose_loss(self):
         """The head split off the model when that is exact for it (mlxft.mlx_backend.loss): the
@@ -350,8 +353,9 @@ class MLXBackend:
                 )
                 acc = g if acc is None else tree_map(mx.add, acc, g)
                 total, count = total + t, count + c
-        norm, usable = self._apply(acc, count)
-        mx.eval(self._state, total, count, norm, usable)
+        norm = self._apply(acc, count)
+        mx.eval(self._state, total, count, norm)
+        usable = self._usable(self.model.trainable_parameters(), self.optimizer.state)
         return StepResult(total.item(), int(count.item()), norm.item(), bool(usable.item()))
 
     def eval_loss(self, batches: list) -> tuple:
@@ -429,7 +433,8 @@ class MLXBackend:
 
 def _usable(weights, optimizer_state) -> mx.array:
     """True when the weights' float32 sum of squares and every optimizer value are finite
-    (`mlxft.backend.StepResult.weights_finite`), computed in the step's own graph."""
+    (`mlxft.backend.StepResult.weights_finite`): one reduction on the device, compiled (fused)
+    where the steps are."""
     squares = sum(mx.sum(mx.square(w.astype(mx.float32))) for _, w in tree_flatten(weights))
     ok = mx.isfinite(squares)
     for _, value in tree_flatten(optimizer_state):

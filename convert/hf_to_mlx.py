@@ -24,6 +24,7 @@ from mlxft.model_dir import (
     copy_aux_files,
     read_model_config,
     set_config_dtype,
+    weight_files,
     write_safetensors,
 )
 
@@ -56,12 +57,12 @@ def mlx_config(src: Path) -> dict:
 
 def _weight_names(src: Path) -> set[str]:
     index = src / "model.safetensors.index.json"
-    if index.is_file():
+    if index.is_file():  # checked by check_model_dir
         return set(json.loads(index.read_text())["weight_map"])
     from safetensors import safe_open
 
     names: set[str] = set()
-    for f in src.glob("*.safetensors"):
+    for f in weight_files(src):
         with safe_open(str(f), framework="numpy") as st:  # reads the header only
             names |= set(st.keys())
     return names
@@ -108,7 +109,7 @@ def to_mlx(
     check_destination(Path(mlx_path))
     src = resolve_model(str(hf_path), revision=revision, allow_pickle=allow_pickle)
     with tempfile.TemporaryDirectory() as staging:
-        load_dir = src if list(src.glob("*.safetensors")) else _stage_pickle(src, Path(staging))
+        load_dir = src if weight_files(src) else _stage_pickle(src, Path(staging))
         model, config = _load(load_dir)
         dtype = dtype or config.get("dtype") or config.get("torch_dtype")
         if dtype in ("float16", "bfloat16", "float32"):

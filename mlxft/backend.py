@@ -18,7 +18,7 @@ one for a config.  Batches are `mlxft.data.Batch` (numpy); learning rates come f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -27,6 +27,21 @@ from mlxft import flags
 # A few token ids every vocabulary has: enough positions to tell `head(body(x))` from a model
 # that scales or soft-caps its logits.
 HEAD_PROBE = np.arange(1, 9, dtype=np.int64)[None]
+
+
+class StepResult(NamedTuple):
+    """What one optimizer step reports (`Backend.train_step`)."""
+
+    loss_sum: float
+    """Sum of token losses over the group, computed with the weights *before* the update."""
+    tokens: int
+    """Trained (target) tokens in the group."""
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    weights_finite: bool
+    """Whether the *updated* trainable weights and optimizer state are usable: every optimizer
+    value finite and the weights' float32 sum of squares finite (so no NaN/inf, and no weight
+    beyond ~1.8e19, whose square overflows: no model computes with such a weight)."""
 
 
 @runtime_checkable
@@ -85,9 +100,9 @@ class Backend(Protocol):
     def setup_training(self, cfg) -> None:
         """Optimizer, checkpointing and the step for `cfg`; fills `training_notes`."""
 
-    def train_step(self, batches: list, lr: float) -> tuple:
-        """One optimizer step over a grad-accumulation group at learning rate `lr`:
-        (sum of token losses, trained tokens, global gradient norm before clipping)."""
+    def train_step(self, batches: list, lr: float) -> StepResult:
+        """One optimizer step over a grad-accumulation group at learning rate `lr`, with a
+        fused on-device check of the updated weights and optimizer state (`StepResult`)."""
 
     def eval_loss(self, batches: list) -> tuple:
         """(sum of token losses, trained tokens) over `batches`, dropout off, no update."""

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,31 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _closest(key: str, options) -> str:
+def _construct_mapping(loader, node, deep=False):
+    """A YAML mapping that refuses a key given twice (PyYAML keeps the last one silently, so a
+    pasted-over setting would be ignored without a word)."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line + 1)
+        except TypeError:  # an unhashable key: PyYAML's own check reports it
+            continue
+        if first != key_node.start_mark.line + 1:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key '{key}' (first set on line {first}); keep one",
+                key_node.start_mark,
+            )
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _closest(key, options) -> str:
+    key = str(key)
     match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
     return f"did you mean '{match[0]}'?" if match else "valid keys: " + ", ".join(sorted(options))
 
@@ -269,7 +294,14 @@ def resolve_config(value: str | Path) -> Path:
 def read_yaml(path: str | Path) -> dict:
     path = resolve_config(path)
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text; re-save the file as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror})") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as err:
         line = err.problem_mark.line + 1 if err.problem_mark else "?"
         raise UserError(f"{path}:{line}: invalid YAML: {err.problem}") from None
@@ -333,16 +365,26 @@ def _normalize_schedule(value: Any, where: str) -> dict:
     name = _SCHEDULE_ALIASES.get(name, name)
     if name not in SCHEDULES:
         raise UserError(f"{where}: lr_schedule.name '{name}' is not one of {', '.join(SCHEDULES)}")
-    out = {
+    warmup = value.get("warmup") or 0
+    if isinstance(warmup, float) and warmup.is_integer():
+        warmup = int(warmup)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise UserError(
+            f"{where}: lr_schedule.warmup must be a whole number of steps >= 0, got {warmup!r}"
+        )
+    return {
         "name": name,
-        "warmup": int(value.get("warmup", 0) or 0),
-        "warmup_ratio": float(value.get("warmup_ratio", 0.0) or 0.0),
-        "min_lr_ratio": float(value.get("min_lr_ratio", 0.0) or 0.0),
-        "warmup_init": float(value.get("warmup_init", 0.0) or 0.0),
+        "warmup": warmup,
+        "warmup_ratio": _number(
+            value.get("warmup_ratio") or 0.0, where, "lr_schedule.warmup_ratio", 0.0, 1.0
+        ),
+        "min_lr_ratio": _number(
+            value.get("min_lr_ratio") or 0.0, where, "lr_schedule.min_lr_ratio", 0.0, 1.0 + 1e-9
+        ),
+        "warmup_init": _number(
+            value.get("warmup_init") or 0.0, where, "lr_schedule.warmup_init", 0.0
+        ),
     }
-    if out["warmup"] < 0 or not 0 <= out["warmup_ratio"] < 1:
-        raise UserError(f"{where}: lr_schedule warmup must be >= 0 steps, warmup_ratio in [0, 1)")
-    return out
 
 
 def _normalize_lora(value: dict, where: str) -> dict:
@@ -399,11 +441,18 @@ def _normalize_optimizer(value: dict, where: str) -> dict:
     """Check every option of every optimizer block (types included), so a typo fails before
     any model loads, the same way on both backends."""
     out = {}
+    every_option = {o for options in OPTIMIZER_OPTIONS.values() for o in options}
     for name, options in (value or {}).items():
+        if name in every_option:
+            raise UserError(
+                f"{where}: optimizer_config is keyed by optimizer name: write "
+                f"optimizer_config: {{adamw: {{{name}: ...}}}} (as mlx-lm), not a flat "
+                f"'optimizer_config.{name}'"
+            )
         if name not in OPTIMIZER_OPTIONS:
             raise UserError(
                 f"{where}: unknown optimizer 'optimizer_config.{name}', "
-                f"{_closest(str(name), OPTIMIZER_OPTIONS)}"
+                f"{_closest(name, OPTIMIZER_OPTIONS)}"
             )
         if options is None:
             options = {}
@@ -527,6 +576,10 @@ def build_config(
     values = {}
     for key, value in raw.items():
         where = sources[key]
+        if not isinstance(key, str):
+            raise UserError(
+                f"{where}: key {key!r} is not an option name; keys are names like learning_rate"
+            )
         if key not in FIELDS:
             raise UserError(f"{where}: unknown key '{key}', {_closest(key, FIELDS)}")
         values[key] = _check_type(key, value, where)
@@ -540,6 +593,14 @@ def build_config(
     for key in _PATH_KEYS:
         setattr(cfg, key, _expand(getattr(cfg, key)))
     _validate(cfg, where_of)
+    unused = sorted(set(cfg.optimizer_config) - {cfg.optimizer})
+    if unused:
+        warnings.warn(
+            f"{where_of('optimizer_config')}: optimizer_config.{unused[0]} is not used: the "
+            f"optimizer is {cfg.optimizer} (its options go under optimizer_config.{cfg.optimizer})",
+            UserWarning,
+            stacklevel=2,
+        )
     return cfg
 
 

@@ -17,9 +17,10 @@ from mlxft.model_dir import check_model_dir, read_model_config
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
-def resolve_model(name: str, revision: str | None = None, allow_pickle: bool = False) -> Path:
+def resolve_model(name: str, revision: str | None = None, allow_pickle: bool | None = None) -> Path:
     """A local directory holding config.json + safetensors weights (downloading a hub id if
-    needed)."""
+    needed), checked (`check_model_dir`).  `allow_pickle`: the command's --allow-pickle, None
+    when it has none."""
     path = Path(os.path.expanduser(name))
     if not _is_hub_id(name):
         if not path.is_dir():
@@ -86,9 +87,12 @@ def load_tokenizer(model_path: Path, cfg=None):
     trust = bool(getattr(cfg, "trust_remote_code", False))
     try:
         return AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust)
-    except (OSError, ValueError) as err:
-        reason = str(err).splitlines()[0]
-        raise UserError(f"{model_path}: cannot load the tokenizer ({reason})") from None
+    except Exception as err:  # transformers and tokenizers raise many types on damaged files
+        reason = (str(err).splitlines() or [""])[0] or type(err).__name__
+        raise UserError(
+            f"{model_path}: cannot load the tokenizer ({type(err).__name__}: {reason[:200]}); "
+            "check its tokenizer files or re-download the model"
+        ) from None
 
 
 def upload(path: Path, repo_id: str | None) -> str | None:

@@ -10,7 +10,9 @@ travels as its raw bits (`BF16`).
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,42 +42,180 @@ AUX_PATTERNS = (
 
 
 # ---------------------------------------------------------------------------- reading
-def check_model_dir(path: Path, allow_pickle: bool = False) -> None:
-    """config.json and weights present and readable, before any backend spends time loading."""
+# Bytes per element of the safetensors dtypes (for the size check of each tensor's data).
+ST_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4,
+    "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+# config.json values every loader multiplies or indexes with: a string there crashes deep inside
+_CONFIG_COUNTS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "head_dim",
+    "n_layer",
+    "n_embd",
+    "n_head",
+)
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
+
+
+def weight_files(path: Path) -> list:
+    """The safetensors files a model directory's weights are read from: `model*.safetensors`,
+    the names mlx-lm and transformers both load (any other *.safetensors is not the model)."""
+    return sorted(Path(path).glob("model*.safetensors"))
+
+
+def check_safetensors(path: Path, what: str, fix: str = "") -> dict:
+    """A safetensors file's header, checked against the file: present, not empty, a JSON header
+    of plausible length, every tensor's byte range inside the file and of its shape's size.
+    Reads the header only.  `what` names the file's role, `fix` says what to do."""
+    fix = f"; {fix}" if fix else ""
+
+    def bad(problem: str) -> UserError:
+        return UserError(f"{path}: {what} file {problem}{fix}")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            if length is None:
+                raise bad(f"is empty or truncated ({size} bytes)")
+            if length > min(size - 8, _MAX_HEADER):
+                raise bad("is not in safetensors format (damaged, or another format)")
+            header = json.loads(handle.read(length))
+    except FileNotFoundError:
+        raise bad("is missing") from None
+    except OSError as err:
+        raise bad(f"cannot be read ({err.strerror})") from None
+    except (ValueError, UnicodeDecodeError):
+        raise bad("is not in safetensors format (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise bad("is not in safetensors format (its header is not an object)")
+    data = size - 8 - length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            count = math.prod(info["shape"])
+            width = ST_DTYPE_BYTES.get(info["dtype"])
+            if not (0 <= start <= end) or (width is not None and end - start != count * width):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"has a malformed entry for tensor {name!r}") from None
+        if end > data:
+            raise bad(f"is truncated ({size} bytes; tensor {name!r} needs {8 + length + end})")
+    return header
+
+
+def _read_json(path: Path, fix: str):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); {fix}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; {fix}") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror}); {fix}") from None
+
+
+def _pickle_advice(allow_pickle: bool | None) -> str:
+    """`allow_pickle` None: the command has no --allow-pickle, so point at the one that does."""
+    if allow_pickle is None:
+        return (
+            "Convert them to safetensors first (if you trust the source: mlxft convert "
+            "--hf-path DIR --mlx-path OUT --allow-pickle)"
+        )
+    return "Convert them to safetensors, or pass --allow-pickle if you trust the source"
+
+
+def check_model_dir(path: Path, allow_pickle: bool | None = None) -> None:
+    """config.json and weights present and readable, before any backend spends time loading:
+    every weight file's header is checked against its size, so a truncated download is one
+    line here rather than a crash inside a loader.  `allow_pickle` is the command's
+    --allow-pickle (None: the command has none)."""
+    fix = "re-download or re-convert the model"
     if not (path / "config.json").is_file():
         raise UserError(
             f"{path}: no config.json; a model directory needs config.json and *.safetensors weights"
         )
-    try:
-        json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path / 'config.json'}:{err.lineno}: invalid JSON ({err.msg})") from None
-    if not list(path.glob("*.safetensors")):
-        pickles = list(path.glob("*.bin")) + list(path.glob("*.pt")) + list(path.glob("*.pth"))
+    config = _read_json(path / "config.json", fix)
+    weights = weight_files(path)
+    if not weights:
+        pickles = [p for pattern in PICKLE_PATTERNS for p in sorted(path.glob(pattern))]
+        stray = sorted(path.glob("*.safetensors"))
+        also = f"; {stray[0].name} is not a model weight file" if stray else ""
         if pickles and not allow_pickle:
             raise UserError(
-                f"{path}: only pickle weights ({pickles[0].name}); pickle can run arbitrary code "
-                "when loaded. Convert them to safetensors, or pass --allow-pickle if you trust "
-                "the source"
+                f"{path}: only pickle weights ({pickles[0].name}{also}); pickle can run "
+                f"arbitrary code when loaded. {_pickle_advice(allow_pickle)}"
             )
         if not pickles:
-            raise UserError(f"{path}: no *.safetensors weights; the model directory is incomplete")
+            raise UserError(
+                f"{path}: no *.safetensors weights{f' ({also[2:]})' if also else ''}; the model "
+                "directory is incomplete"
+            )
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        shards = _index_shards(index, fix)
         missing = sorted(s for s in shards if not (path / s).is_file())
         if missing:
             raise UserError(
                 f"{path}: weight shard {missing[0]} listed in {index.name} is missing; "
                 "re-download the model"
             )
+    for file in weights:
+        check_safetensors(file, "weight", fix)
+    _check_config(path / "config.json", config, fix)
+
+
+def _index_shards(index: Path, fix: str) -> set:
+    data = _read_json(index, fix)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and "/" not in v and v.endswith(".safetensors")
+        for v in weight_map.values()
+    ):
+        raise UserError(
+            f"{index}: not a shard index (needs a 'weight_map' of tensor name -> "
+            f"*.safetensors file); {fix}"
+        )
+    return set(weight_map.values())
+
+
+def _check_config(path: Path, config, fix: str) -> None:
+    if not isinstance(config, dict):
+        raise UserError(
+            f"{path}: must be a JSON object of model settings, got {type(config).__name__}; {fix}"
+        )
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise UserError(f"{path}: no 'model_type' (e.g. \"llama\"); {fix}")
+    for key in _CONFIG_COUNTS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UserError(f"{path}: '{key}' must be a whole number, got {value!r}; {fix}")
+        if value is not None and value < 1:
+            raise UserError(f"{path}: '{key}' must be at least 1, got {value}; {fix}")
 
 
 def read_model_config(path: Path) -> dict:
     """config.json, normalised for mlx-lm: transformers >= 5 moved `rope_theta` into
     `rope_parameters`, and mlx-lm's model classes fall back to their own default (1e6 for
     qwen2) when it is absent.  `hf_config` undoes this for writing."""
-    config = json.loads((path / "config.json").read_text())
+    config = _read_json(path / "config.json", "re-download or re-convert the model")
+    if not isinstance(config, dict):
+        raise UserError(
+            f"{path / 'config.json'}: must be a JSON object of model settings, "
+            f"got {type(config).__name__}"
+        )
     rope = config.get("rope_parameters")
     if isinstance(rope, dict):
         if "rope_theta" not in config and "rope_theta" in rope:

@@ -5,7 +5,19 @@ from pathlib import Path
 
 import pytest
 
-import mlxft  # noqa: F401  (loads OpenBLAS before any test imports mlx.core)
+try:  # torch binds its own BLAS entry points before OpenBLAS joins the process (see below)
+    import torch
+
+    torch.bmm(torch.ones(2, 3, 3), torch.ones(2, 3, 3))
+    torch.ones(3, 3) @ torch.ones(3, 3)
+except ImportError:
+    pass
+
+# The tests mix MLX and torch in one process, which mlxft itself never does: it loads OpenBLAS
+# process-wide for MLX only in processes that import MLX (mlxft/cpu/blas.py), and OpenBLAS's
+# cblas_sgemm_batch then takes over torch's batched matmuls and can crash.  Calling torch's
+# matmuls once first binds them to torch's own BLAS for the rest of the session.
+import mlxft  # noqa: E402, F401  (loads OpenBLAS before any test imports mlx.core)
 from tests.tiny_models import FAMILIES, build_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from mlxft.cli import main
@@ -55,6 +58,48 @@ class Env:
                 )
         return folder
 
+    def model_with(self, name: str, content, drop: str | None = None) -> Path:
+        """A copy of the stories model with file `name` replaced by `content` (and `drop`
+        removed)."""
+        folder = self.tmp / "m"
+        if not folder.exists():
+            shutil.copytree(self.model, folder)
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        if drop:
+            (folder / drop).unlink()
+        return folder
+
+    def adapter_with(self, name: str, change) -> Path:
+        """A copy of the trained adapter (checkpoints included) with file `name` changed:
+        `change(old bytes) -> new bytes`."""
+        folder = self.tmp / "a"
+        if not folder.exists():
+            shutil.copytree(self.adapter, folder)
+        (folder / name).write_bytes(change((folder / name).read_bytes()))
+        return folder
+
+    def resume(self, run: Path) -> list:
+        """--resume in `run` with the adapter fixture's own data and batch size (so the
+        checkpoint's fingerprint matches and loading gets as far as its files)."""
+        data = yaml.safe_load((self.adapter / "mlxft_config.yaml").read_text())["data"]
+        return [
+            "lora",
+            "--train",
+            "--model",
+            self.model,
+            "--data",
+            data,
+            "--adapter-path",
+            run,
+            "--iters",
+            "3",
+            "--batch-size",
+            "2",
+            "--val-batches",
+            "1",
+            "--resume",
+        ]
+
     def train(self, *extra, data=None, model=None) -> list:
         return [
             "lora",
@@ -79,6 +124,35 @@ class Case:
     args: Callable  # Env -> CLI args
     expect: tuple  # substrings of the one error line
     writes_to: str = "out"  # which directory must stay untouched: out (must not appear) or adapter
+
+
+# a well-formed safetensors file holding one small tensor: a model whose weights pass the checks
+_TINY_SAFETENSORS = __import__("safetensors.numpy").numpy.save(
+    {"wte.weight": __import__("numpy").zeros((2, 2), "float32")}
+)
+
+
+def _half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _nan_weights(data: bytes) -> bytes:
+    from safetensors.numpy import load, save
+
+    return save({k: v * np.float32("nan") for k, v in load(data).items()})
+
+
+def _undotted_weights(data: bytes) -> bytes:
+    from safetensors.numpy import save
+
+    return save({"weight": np.zeros((2, 2), np.float32)})
+
+
+def _noise(n: int) -> bytes:
+    return random.Random(n).randbytes(n)
+
+
+STORIES_CONFIG = (REPO / "examples" / "models" / "stories260K" / "config.json").read_text()
 
 
 TEXT = ['{"text": "hello world"}', '{"text": "another line"}']
@@ -151,6 +225,40 @@ CASES = [
         "config-quantize-bits",
         lambda e: e.train("--config", e.file("c.yaml", "quantize: 3\n")),
         ("quantize must be 4 or 8 bits, got 3",),
+    ),
+    Case(
+        "config-not-utf8",
+        lambda e: e.train("--config", e.file("c.yaml", b"model: caf\xe9\n", binary=True)),
+        ("c.yaml:1: not UTF-8 text; re-save the file as UTF-8",),
+    ),
+    Case(
+        "config-duplicate-key",
+        lambda e: e.train("--config", e.file("c.yaml", "batch_size: 2\nbatch_size: 4\n")),
+        ("c.yaml:2: invalid YAML: duplicate key 'batch_size' (first set on line 1)",),
+    ),
+    Case(
+        "config-key-not-a-name",
+        lambda e: e.train("--config", e.file("c.yaml", "1: 2\n")),
+        ("c.yaml: key 1 is not an option name",),
+    ),
+    Case(
+        "config-nested-wrong-type",
+        lambda e: e.train(
+            "--config", e.file("c.yaml", "lr_schedule: {name: cosine, warmup: ten}\n")
+        ),
+        ("lr_schedule.warmup must be a whole number of steps >= 0, got 'ten'",),
+    ),
+    Case(
+        "config-optimizer-betas",
+        lambda e: e.train(
+            "--config", e.file("c.yaml", "optimizer_config: {adamw: {betas: [0.9]}}\n")
+        ),
+        ("optimizer_config.adamw.betas must be two numbers",),
+    ),
+    Case(
+        "config-optimizer-flat",
+        lambda e: e.train("--config", e.file("c.yaml", "optimizer_config: {betas: [0.9, 0.95]}\n")),
+        ("optimizer_config is keyed by optimizer name",),
     ),
     Case(
         "rank-not-positive",
@@ -267,6 +375,95 @@ CASES = [
         (
             "weight shard model-00002-of-00002.safetensors listed in model.safetensors.index.json "
             "is missing",
+        ),
+    ),
+    Case(
+        "model-empty-weights",
+        lambda e: e.train(model=e.model_with("model.safetensors", b"")),
+        ("m/model.safetensors: weight file is empty or truncated (0 bytes)",),
+    ),
+    Case(
+        "model-truncated-weights-torch",
+        lambda e: e.train(
+            "--backend",
+            "torch",
+            model=e.model_with(
+                "model.safetensors", _half((e.model / "model.safetensors").read_bytes())
+            ),
+        ),
+        ("m/model.safetensors: weight file is truncated (522496 bytes;",),
+    ),
+    Case(
+        "model-random-weights-generate",
+        lambda e: [
+            "generate",
+            "--model",
+            e.model_with("model.safetensors", _noise(5000)),
+            "--prompt",
+            "hi",
+        ],
+        ("m/model.safetensors: weight file is not in safetensors format",),
+    ),
+    Case(
+        "model-config-not-object-convert",
+        lambda e: [
+            "convert",
+            "--hf-path",
+            e.model_with("config.json", "[]"),
+            "--mlx-path",
+            e.out,
+        ],
+        ("m/config.json: must be a JSON object of model settings, got list",),
+    ),
+    Case(
+        "model-config-no-model-type",
+        lambda e: e.train(model=e.model_with("config.json", "{}")),
+        ("m/config.json: no 'model_type'",),
+    ),
+    Case(
+        "model-config-bad-count-torch",
+        lambda e: e.train(
+            "--backend",
+            "torch",
+            model=e.model_with(
+                "config.json",
+                STORIES_CONFIG.replace('"num_hidden_layers": 5', '"num_hidden_layers": "five"'),
+            ),
+        ),
+        ("m/config.json: 'num_hidden_layers' must be a whole number, got 'five'",),
+    ),
+    Case(
+        "model-bad-shard-index",
+        lambda e: e.train(model=e.model_with("model.safetensors.index.json", "[]")),
+        ("m/model.safetensors.index.json: not a shard index",),
+    ),
+    Case(
+        "model-bad-shard-index-json-generate",
+        lambda e: [
+            "generate",
+            "--model",
+            e.model_with("model.safetensors.index.json", "{bad"),
+            "--prompt",
+            "hi",
+        ],
+        ("m/model.safetensors.index.json:1: invalid JSON",),
+    ),
+    Case(
+        "model-stray-safetensors",
+        lambda e: e.train(
+            model=(
+                e.model_with("pytorch_model.bin", b"\x80\x02"),
+                e.model_with(
+                    "adapter_model.safetensors",
+                    (e.model / "model.safetensors").read_bytes(),
+                    drop="model.safetensors",
+                ),
+            )[1]
+        ),
+        (
+            "only pickle weights (pytorch_model.bin; adapter_model.safetensors is not a model "
+            "weight file)",
+            "mlxft convert --hf-path DIR --mlx-path OUT --allow-pickle",
         ),
     ),
     Case(
@@ -427,6 +624,19 @@ CASES = [
         ("eval_prompts[1]: the prompt is ", " tokens, the model's context window is 512"),
     ),
     Case(
+        "data-mask-prompt-no-assistant",
+        lambda e: e.train(
+            "--mask-prompt",
+            data=e.data_dir("d", ['{"messages": [{"role": "user", "content": "hi"}]}'] * 2, TEXT),
+        ),
+        ("d/train.jsonl: no usable train examples: none of the 2 has a token to train on",),
+    ),
+    Case(
+        "generate-temp-nan",
+        lambda e: ["generate", "--model", e.model, "--prompt", "hi", "--temp", "nan"],
+        ("--temp must be a finite number, got nan",),
+    ),
+    Case(
         "chat-template-file-missing",
         lambda e: e.train("--config", e.file("c.yaml", "chat_template: none.jinja\n")),
         ("chat_template: file none.jinja not found",),
@@ -470,6 +680,66 @@ CASES = [
         ("adapter_model.bin is a pickle",),
     ),
     Case(
+        "adapter-truncated-generate",
+        lambda e: [
+            "generate",
+            "--model",
+            e.model,
+            "--adapter-path",
+            e.adapter_with("adapter_model.safetensors", _half),
+            "--prompt",
+            "hi",
+        ],
+        ("a/adapter_model.safetensors: adapter weights file is truncated",),
+    ),
+    Case(
+        "adapter-truncated-import",
+        lambda e: [
+            "import",
+            e.adapter_with("adapter_model.safetensors", _half),
+            "--save-path",
+            e.out,
+        ],
+        ("a/adapter_model.safetensors: adapter weights file is truncated",),
+    ),
+    Case(
+        "adapter-config-list-fuse",
+        lambda e: [
+            "fuse",
+            "--model",
+            e.model,
+            "--adapter-path",
+            e.adapter_with("adapter_config.json", lambda _: b"[]"),
+            "--save-path",
+            e.out,
+        ],
+        ("a/adapter_config.json: must be a JSON object (PEFT's adapter settings), got list",),
+    ),
+    Case(
+        "adapter-tensor-without-dots-export",
+        lambda e: [
+            "export",
+            "--adapter-path",
+            e.adapter_with("adapter_model.safetensors", _undotted_weights),
+            "--save-path",
+            e.out,
+        ],
+        ("a/adapter_model.safetensors: tensor 'weight' is not a LoRA/DoRA weight",),
+    ),
+    Case(
+        "adapter-nan-weights-generate",
+        lambda e: [
+            "generate",
+            "--model",
+            e.model,
+            "--adapter-path",
+            e.adapter_with("adapter_model.safetensors", _nan_weights),
+            "--prompt",
+            "hi",
+        ],
+        ("holds NaN/inf values: the run that saved this adapter diverged",),
+    ),
+    Case(
         "adapter-no-test-split",
         lambda e: [
             "lora",
@@ -511,7 +781,7 @@ CASES = [
             "--model",
             (
                 e.file("m/config.json", '{"model_type": "gpt2"}'),
-                e.file("m/model.safetensors", b"", binary=True),
+                e.file("m/model.safetensors", _TINY_SAFETENSORS, binary=True),
             )[0].parent,
         ],
         (
@@ -588,6 +858,40 @@ CASES = [
             "--resume-from", e.file("ck/step-0000002/trainer_state.json", "{not json").parent
         ),
         ("step-0000002: damaged checkpoint",),
+    ),
+    Case(
+        "resume-damaged-checkpoint-adapter",
+        lambda e: e.resume(
+            e.adapter_with("checkpoints/step-0000002/adapter_model.safetensors", _half)
+        ),
+        (
+            "step-0000002/adapter_model.safetensors: adapter weights file is truncated",
+            "resume from an earlier checkpoint with --resume-from",
+        ),
+    ),
+    Case(
+        "resume-damaged-trainer-state",
+        lambda e: e.resume(
+            e.adapter_with(
+                "checkpoints/step-0000002/trainer_state.json",
+                lambda b: b.replace(b'"step": 2', b'"step": "two"'),
+            )
+        ),
+        ("step-0000002: damaged checkpoint (trainer_state.json: position.step is 'two'",),
+    ),
+    Case(
+        "resume-damaged-trainer-state-list",
+        lambda e: e.train(
+            "--resume-from", e.file("ck/step-0000002/trainer_state.json", "[]").parent
+        ),
+        ("step-0000002: damaged checkpoint (trainer_state.json holds list, not an object)",),
+    ),
+    Case(
+        "resume-damaged-state-tensors",
+        lambda e: e.resume(
+            e.adapter_with("checkpoints/step-0000002/trainer_state.safetensors", lambda b: b[:40])
+        ),
+        ("trainer_state.safetensors: checkpoint state file is not in safetensors format",),
     ),
 ]
 

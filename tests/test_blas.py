@@ -65,3 +65,59 @@ def test_openblas_waits_for_mlx_and_stays_out_of_torch_processes():
     out = run({}, code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "OpenBLAS"], out.stdout
+
+
+# ---------------------------------------------------------------------------- the link directory
+@pytest.fixture
+def shim_env(monkeypatch, tmp_path):
+    """_shim_dir with stand-in library paths, a private cache home and temp directory."""
+    from mlxft.cpu import blas
+
+    monkeypatch.setattr(blas, "_mlx_bundled", lambda prefix: f"/opt/mlx_cpu.libs/{prefix}.so")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(blas.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    return blas, tmp_path / "cache" / "mlxft", tmp_path / "tmp" / f"mlxft-{os.getuid()}"
+
+
+def mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_link_directory_is_private(shim_env):
+    blas, cache, _ = shim_env
+    folder = blas._shim_dir("/opt/openblas/libopenblas.so")
+    assert folder.parent == cache and mode(cache) == 0o700
+    assert os.readlink(folder / "libopenblas.so.0") == "/opt/openblas/libopenblas.so"
+    assert os.readlink(folder / "libgfortran.so.5") == "/opt/mlx_cpu.libs/libgfortran.so"
+    assert blas._shim_dir("/opt/openblas/libopenblas.so") == folder  # reused as it is
+
+
+def test_a_directory_others_can_write_is_refused(shim_env):
+    blas, cache, fallback = shim_env
+    cache.mkdir(parents=True)
+    os.chmod(cache, 0o777)
+    folder = blas._shim_dir("/opt/openblas/libopenblas.so")
+    assert folder.parent == fallback and mode(fallback) == 0o700
+
+
+def test_a_planted_link_directory_is_refused(shim_env):
+    blas, cache, fallback = shim_env
+    folder = blas._shim_dir("/opt/openblas/libopenblas.so")
+    (folder / "libopenblas.so.0").unlink()
+    os.symlink("/tmp/evil/libopenblas.so", folder / "libopenblas.so.0")
+    again = blas._shim_dir("/opt/openblas/libopenblas.so")
+    assert again.parent == fallback
+    assert os.readlink(again / "libopenblas.so.0") == "/opt/openblas/libopenblas.so"
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="chown needs root")
+def test_directories_owned_by_someone_else_are_refused(shim_env):
+    blas, cache, fallback = shim_env
+    for folder in (cache, fallback):
+        folder.mkdir(parents=True)
+        os.chmod(folder, 0o700)
+        os.chown(folder, 4242, 4242)
+    with pytest.raises(OSError, match="belongs to uid 4242, not to this user: refused"):
+        blas._shim_dir("/opt/openblas/libopenblas.so")
+    assert not any(cache.iterdir()) and not any(fallback.iterdir())

@@ -404,7 +404,7 @@ def test_cli_argument_errors(stories):
 
 
 def test_qlora_adapter_generates_on_the_quantized_base(tiny_llama, tmp_path):
-    from mlxft.inference.load import trained_quantization
+    from mlxft.adapters.files import trained_quantization
     from tests.test_fuse import small_data, train_adapter
 
     adapter = train_adapter(tiny_llama, small_data(tmp_path), tmp_path / "qlora", quantize=4)

@@ -284,7 +284,7 @@ def test_full_fine_tune_resumes_exactly(tiny_llama, data, tmp_path):
         assert abs(ref[key] - got[key]) <= 1e-5, key
 
 
-def test_keep_checkpoints_and_fresh_runs_clear_old_ones(stories, data, tmp_path):
+def test_keep_checkpoints_and_fresh_runs_move_old_ones_aside(stories, data, tmp_path):
     out = tmp_path / "run"
     assert cli(*lora_args(stories, data, out, "mlx", "--keep-checkpoints", "2")).exit_code == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
@@ -293,8 +293,13 @@ def test_keep_checkpoints_and_fresh_runs_clear_old_ones(stories, data, tmp_path)
     ]
     result = cli(*lora_args(stories, data, out, "mlx", "--iters", "3"))
     assert result.exit_code == 0, result.output
-    assert "removed 2 checkpoint(s) of an earlier run" in result.output
+    assert f"moved the earlier run in {out}" in result.output
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+    (previous,) = (out / "previous-runs").iterdir()
+    assert sorted(p.name for p in (previous / "checkpoints").iterdir()) == [
+        "step-0000012",
+        "step-0000016",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,13 @@ from torch import nn
 
 from mlxft.adapters.files import match_adapter_weights, peft_key
 from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
-from mlxft.backend import checkpointed_blocks, head_note, head_probe, head_split_exact
+from mlxft.backend import (
+    StepResult,
+    checkpointed_blocks,
+    head_note,
+    head_probe,
+    head_split_exact,
+)
 from mlxft.data.batching import head_rows
 from mlxft.errors import UserError
 from mlxft.model_dir import BF16
@@ -96,7 +102,7 @@ def load_hf_model(model_path: Path, dtype: torch.dtype, trust_remote_code: bool)
             use_safetensors=True,
             **{dtype_kw: dtype},
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "trust_remote_code" in str(err):
             raise UserError(
@@ -365,9 +371,8 @@ class TorchBackend:
         losses = F.cross_entropy(logits.float(), targets, reduction="none")
         return (losses * mask).sum()
 
-    def train_step(self, batches: list, lr: float) -> tuple:
-        """One optimizer step over the grad-accumulation group: (loss sum, trained tokens, grad
-        norm)."""
+    def train_step(self, batches: list, lr: float) -> StepResult:
+        """One optimizer step over the grad-accumulation group."""
         self._set_training(True)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -385,7 +390,20 @@ class TorchBackend:
         norm = torch.nn.utils.clip_grad_norm_(params, self._clip if self._clip else float("inf"))
         self.optimizer.step()
         self._steps += 1
-        return total.item(), count, norm.item()
+        usable = self._usable(params)
+        return StepResult(total.item(), count, norm.item(), bool(usable.item()))
+
+    @torch.no_grad()
+    def _usable(self, params: list) -> torch.Tensor:
+        """The updated weights' float32 sum of squares and every optimizer value finite
+        (`mlxft.backend.StepResult.weights_finite`), reduced on the device: one sync."""
+        squares = torch.stack([p.detach().float().square().sum() for p in params]).sum()
+        ok = torch.isfinite(squares)
+        for state in self.optimizer.state.values():
+            for value in state.values():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    ok &= torch.isfinite(value).all()
+        return ok
 
     @torch.no_grad()
     def eval_loss(self, batches: list) -> tuple:

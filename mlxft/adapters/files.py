@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mlxft.errors import UserError
-from mlxft.fileio import save_safetensors, write_json
+from mlxft.fileio import ensure_dir, save_safetensors, write_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -43,7 +43,9 @@ def split_key(key: str) -> tuple:
     body = key[len(PREFIX) :] if key.startswith(PREFIX) else key
     if body.endswith(".weight"):
         body = body[: -len(".weight")]
-    path, name = body.rsplit(".", 1)
+    path, dot, name = body.rpartition(".")
+    if not dot or not path:
+        raise ValueError(f"{key!r} names no module")
     return path, name
 
 
@@ -100,13 +102,47 @@ def adapter_config(plan, base_model: str) -> dict:
     }
 
 
-def save_adapter(out_dir: Path, weights: dict, config: dict) -> None:
-    """weights: {peft key: np.ndarray}. Each file is written atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+QUANTIZE_KEY = "mlxft.quantize"  # safetensors metadata: the base was quantized to N bits on load
+GROUP_SIZE_KEY = "mlxft.q_group_size"
+
+
+def save_adapter(
+    out_dir: Path, weights: dict, config: dict, quantization: dict | None = None
+) -> None:
+    """weights: {peft key: np.ndarray}. Each file is written atomically.
+
+    `quantization` ({quantize, q_group_size}: a QLoRA run that quantized its base on load) goes
+    into the weights file's own metadata, so it can never be read off another run's files
+    (`trained_quantization`); PEFT ignores metadata."""
+    out_dir = ensure_dir(Path(out_dir))
     tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in weights.items()}
-    save_safetensors(out_dir / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    metadata = {"format": "pt"}
+    if quantization and quantization.get("quantize"):
+        metadata[QUANTIZE_KEY] = str(quantization["quantize"])
+        metadata[GROUP_SIZE_KEY] = str(quantization["q_group_size"])
+    save_safetensors(out_dir / WEIGHTS_NAME, tensors, metadata=metadata)
     write_json(out_dir / CONFIG_NAME, config)
+
+
+def trained_quantization(adapter_dir: Path | str | None) -> dict:
+    """{quantize, q_group_size} when the adapter's own weights file says its base was quantized
+    on load (`save_adapter`), else {}: never from a config file beside it, which may belong to
+    another run."""
+    from mlxft.model_dir import check_safetensors
+
+    if not adapter_dir:
+        return {}
+    path = Path(adapter_dir).expanduser() / WEIGHTS_NAME
+    try:
+        metadata = check_safetensors(path, "adapter weights").get("__metadata__") or {}
+        if QUANTIZE_KEY not in metadata:
+            return {}
+        return {
+            "quantize": int(metadata[QUANTIZE_KEY]),
+            "q_group_size": int(metadata.get(GROUP_SIZE_KEY, 64)),
+        }
+    except (UserError, ValueError, TypeError, AttributeError):
+        return {}  # a damaged adapter is reported by load_adapter
 
 
 def save_full_model(out_dir: Path, weights: dict, model_path: Path, dtype: str) -> None:
@@ -123,8 +159,7 @@ def save_full_model(out_dir: Path, weights: dict, model_path: Path, dtype: str) 
 
     from mlxft.model_dir import hf_config, save_hf_dir
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_dir(Path(out_dir))
     staging = out_dir / ".model-staging"
     shutil.rmtree(staging, ignore_errors=True)
     config = hf_config(json.loads((Path(model_path) / "config.json").read_text()))
@@ -139,9 +174,64 @@ def save_full_model(out_dir: Path, weights: dict, model_path: Path, dtype: str) 
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_adapter(adapter_dir: Path) -> tuple:
-    """(adapter_config, {peft key: np.ndarray}) from a PEFT-layout directory, with clear errors."""
+# adapter_config.json keys we read, and the types they must have
+_CONFIG_TYPES = {
+    "r": (int,),
+    "lora_alpha": (int, float),
+    "lora_dropout": (int, float),
+    "use_dora": (bool,),
+    "use_rslora": (bool,),
+}
+_NDIM = {"lora_A": 2, "lora_B": 2, "lora_magnitude_vector": 1}
+
+
+def _check_config(config_path: Path, config) -> dict:
+    if not isinstance(config, dict):
+        raise UserError(
+            f"{config_path}: must be a JSON object (PEFT's adapter settings), got "
+            f"{type(config).__name__}"
+        )
+    for key, types in _CONFIG_TYPES.items():
+        value = config.get(key)
+        wrong = isinstance(value, bool) and bool not in types
+        if value is not None and (wrong or not isinstance(value, types)):
+            kind = "true or false" if types == (bool,) else "a number"
+            raise UserError(f"{config_path}: '{key}' must be {kind}, got {value!r}")
+    return config
+
+
+def check_adapter_weights(weights: dict, where: Path) -> dict:
+    """Every tensor a LoRA/DoRA weight under a PEFT key, of the right rank, and finite: a NaN
+    adapter (the run that wrote it diverged) would generate nothing but garbage."""
+    for key, value in weights.items():
+        try:
+            _, name = split_key(key)
+        except ValueError:
+            name = None
+        if name not in _NDIM:
+            raise UserError(
+                f"{where}: tensor {key!r} is not a LoRA/DoRA weight (PEFT names them "
+                f"{PREFIX}<module>.lora_A.weight, .lora_B.weight, .lora_magnitude_vector)"
+            )
+        if value.ndim != _NDIM[name]:
+            raise UserError(
+                f"{where}: tensor {key!r} has {value.ndim} dimensions, not {_NDIM[name]}"
+            )
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise UserError(
+                f"{where}: tensor {key!r} holds NaN/inf values: the run that saved this adapter "
+                "diverged; use an earlier checkpoint (checkpoints/step-*) or train again"
+            )
+    return weights
+
+
+def load_adapter(adapter_dir: Path, fix: str | None = None) -> tuple:
+    """(adapter_config, {peft key: np.ndarray}) from a PEFT-layout directory, every file
+    checked: one line naming the file and what is wrong, never a crash in a loader.  `fix`:
+    what to do about a damaged weights file, when the caller knows better (a checkpoint)."""
     from safetensors.numpy import load_file
+
+    from mlxft.model_dir import check_safetensors
 
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / CONFIG_NAME
@@ -164,6 +254,9 @@ def load_adapter(adapter_dir: Path) -> tuple:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{config_path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{config_path}: not UTF-8 text") from None
+    _check_config(config_path, config)
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(
             f"{config_path}: peft_type {config.get('peft_type')} is not supported (LORA only)"
@@ -175,4 +268,13 @@ def load_adapter(adapter_dir: Path) -> tuple:
                 f"safe_serialization=True)"
             )
         raise UserError(f"{adapter_dir}: no {WEIGHTS_NAME}")
-    return config, load_file(str(weights_path))
+    fix = fix or "the file is damaged; use a checkpoint (checkpoints/step-*) or train again"
+    check_safetensors(weights_path, "adapter weights", fix)
+    try:
+        weights = load_file(str(weights_path))
+    except Exception as err:  # safetensors' own error type, for what the header check missed
+        reason = (str(err).splitlines() or [""])[0]
+        raise UserError(
+            f"{weights_path}: adapter weights file unreadable ({reason}); {fix}"
+        ) from None
+    return config, check_adapter_weights(weights, weights_path)

@@ -122,14 +122,16 @@ def from_mlx_lm(
         )
     weights = {}
     for key, value in mlx_weights.items():
-        path, name = key.rsplit(".", 1)
-        if name not in _FROM_MLX:
+        path, _, name = key.rpartition(".")
+        if not path or name not in _FROM_MLX:
             raise UserError(f"{where}: tensor {key} is not a LoRA/DoRA weight (lora_a, lora_b, m)")
         value = np.asarray(value, dtype=np.float32)
         weights[peft_key(path, _FROM_MLX[name])] = np.ascontiguousarray(
             value.T if value.ndim == 2 else value
         )
-    rank = next(v.shape[0] for k, v in weights.items() if k.endswith("lora_A.weight"))
+    rank = next((v.shape[0] for k, v in weights.items() if k.endswith("lora_A.weight")), None)
+    if rank is None:
+        raise UserError(f"{where}: {MLX_LM_WEIGHTS} holds no lora_a weights")
     peft_like = {
         "r": rank,
         "lora_alpha": float(params["scale"]) * rank,
@@ -170,15 +172,34 @@ def export_adapter(adapter_path, save_path, model: str | None = None) -> Path:
 
 
 def read_mlx_lm(src: Path) -> tuple:
+    """(adapter_config, weights) of an mlx-lm adapter directory, both files checked."""
     from safetensors.numpy import load_file
+
+    from mlxft.model_dir import check_safetensors
 
     config_path = src / CONFIG_NAME
     if not config_path.is_file():
         raise UserError(f"{src}: has {MLX_LM_WEIGHTS} but no {CONFIG_NAME}; mlx-lm writes both")
     try:
-        return json.loads(config_path.read_text()), load_file(str(src / MLX_LM_WEIGHTS))
+        config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{config_path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{config_path}: not UTF-8 text") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: must be a JSON object, got {type(config).__name__}")
+    path = src / MLX_LM_WEIGHTS
+    check_safetensors(path, "adapter weights", "the file is damaged; export the adapter again")
+    try:
+        weights = load_file(str(path))
+    except Exception as err:  # safetensors' own error type, for what the header check missed
+        raise UserError(f"{path}: adapter weights file unreadable ({err})") from None
+    bad = next((k for k, v in weights.items() if not np.isfinite(v).all()), None)
+    if bad:
+        raise UserError(
+            f"{path}: tensor {bad!r} holds NaN/inf values: the run that saved it diverged"
+        )
+    return config, weights
 
 
 def import_adapter(src, save_path, model: str | None = None) -> Path:

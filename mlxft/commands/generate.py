@@ -91,8 +91,9 @@ def _sampling_options(fn):
 
 
 def _session(kw):
+    from mlxft.adapters.files import trained_quantization
     from mlxft.data.templates import read_chat_template
-    from mlxft.inference.load import load_for_inference, trained_quantization
+    from mlxft.inference.load import load_for_inference
     from mlxft.inference.sampling import Sampler, SamplingParams
 
     if kw["max_tokens"] < 1:

@@ -18,11 +18,14 @@ Never on macOS: MLX uses Accelerate/Metal there.  `MLXFT_BLAS=reference` turns t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import hashlib
 import importlib.util
 import os
+import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -73,8 +76,36 @@ def _mlx_bundled(prefix: str) -> str | None:
     return None
 
 
+def _private_dir(path: Path) -> Path:
+    """`path` as a directory no one else can plant a library in: created with mode 0700; an
+    existing one must be a real directory (no symlink), owned by this user and not writable by
+    group or others, or it is refused (OSError)."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(f"{path} is not a directory: refused")
+    if info.st_uid != os.getuid():
+        raise OSError(f"{path} belongs to uid {info.st_uid}, not to this user: refused")
+    if info.st_mode & 0o022:
+        raise OSError(f"{path} is writable by other users: refused")
+    return path
+
+
+def _links_ok(folder: Path, links: dict) -> bool:
+    """An existing link directory is used only if it is ours and each link points where ours
+    would."""
+    try:
+        _private_dir(folder)
+        return all(os.readlink(folder / name) == target for name, target in links.items())
+    except OSError:
+        return False
+
+
 def _shim_dir(openblas: str) -> Path:
-    """A directory holding symlinks: libopenblas.so.0, libgfortran.so.5 and its own deps."""
+    """A directory holding symlinks: libopenblas.so.0, libgfortran.so.5 and its own deps, in
+    the user's cache directory or else a per-user one under the temp directory, each checked by
+    `_private_dir` (a shared /tmp is where someone else could have prepared one)."""
     gfortran = _mlx_bundled("libgfortran")
     if gfortran is None:
         raise OSError("no libgfortran.so.5 on the system and none bundled with mlx")
@@ -84,26 +115,29 @@ def _shim_dir(openblas: str) -> Path:
         if path:
             links[os.path.basename(path)] = path
     key = hashlib.sha1(repr(sorted(links.items())).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlxft" / f"blas-{key}"
-    if (cache / "libopenblas.so.0").exists():
-        return cache
-    for root in (cache.parent, Path(tempfile.gettempdir()) / f"mlxft-{os.getuid()}"):
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlxft"
+    refused = []
+    for root in (cache, Path(tempfile.gettempdir()) / f"mlxft-{os.getuid()}"):
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            _private_dir(root)
+            final = root / f"blas-{key}"
+            if final.exists() or final.is_symlink():
+                if _links_ok(final, links):
+                    return final
+                raise OSError(f"{final} is not the link directory mlxft would make: refused")
             tmp = Path(tempfile.mkdtemp(prefix=".blas-", dir=root))
             for name, target in links.items():
                 os.symlink(target, tmp / name)
-            final = root / f"blas-{key}"
             try:
                 os.rename(tmp, final)  # atomic: a racing process may have won; both are fine
             except OSError:
-                for name in links:
-                    (tmp / name).unlink()
-                tmp.rmdir()
-            return final
-        except OSError:
-            continue
-    raise OSError("could not create a directory for the OpenBLAS links")
+                shutil.rmtree(tmp, ignore_errors=True)
+            if _links_ok(final, links):
+                return final
+            raise OSError(f"{final} is not the link directory mlxft would make: refused")
+        except OSError as err:
+            refused.append(str(err))
+    raise OSError("no safe directory for the OpenBLAS links (" + "; ".join(refused) + ")")
 
 
 def _load(path: str) -> ctypes.CDLL:

@@ -19,7 +19,15 @@ import numpy as np
 from mlxft.data.records import EXTENSIONS, check_same_format, detect_format, read_records, validate
 from mlxft.data.render import Renderer, unwrap
 from mlxft.data.sources import TABLE_EXTENSIONS, external, read_parts, read_table
-from mlxft.data.tokenize import encode
+from mlxft.data.tokenize import (
+    MARGIN_TOKENS,
+    char_budget,
+    clip_record,
+    cut_pieces,
+    encode,
+    longest_token_chars,
+    record_size,
+)
 from mlxft.errors import UserError
 
 SPLITS = ("train", "valid", "test")
@@ -83,17 +91,37 @@ def _carve(records: list, cfg, path: Path) -> tuple[list, list]:
     ]
 
 
+def _encode_record(
+    record: dict, fmt: str, where: str, renderer: Renderer, cfg, budget: int
+) -> tuple:
+    """(ids, mask, whether text was cut) of a record, tokenizing at most a character budget of
+    it: a record of any size costs what max_seq_length needs.  When a cut leaves too few tokens
+    (a tokenizer that drops characters), the budget grows until it does not; truncation itself
+    stays in tokens."""
+    while True:
+        clipped = record_size(record) > budget
+        source = clip_record(record, budget) if clipped else record
+        pieces, add_special = renderer.render(source, fmt, where)
+        pieces, cut = cut_pieces(pieces, budget)
+        ids, mask = encode(renderer.tok, pieces, add_special, renderer.eos_id)
+        if not (clipped or cut) or len(ids) >= cfg.max_seq_length + MARGIN_TOKENS:
+            return ids, mask, clipped or cut
+        budget *= 4
+
+
 def _tokenize(name: str, source: Path, records: list, fmt: str, renderer: Renderer, cfg) -> Split:
+    budget = char_budget(cfg.max_seq_length, longest_token_chars(renderer.tok))
     sequences, masks = [], []
-    truncated = dropped = 0
+    truncated = dropped = untrained = 0
     for where, record in records:
         validate(record, fmt, where)
-        pieces, add_special = renderer.render(record, fmt, where)
-        ids, mask = encode(renderer.tok, pieces, add_special, renderer.eos_id)
+        ids, mask, cut = _encode_record(record, fmt, where, renderer, cfg, budget)
         if not cfg.mask_prompt:
             mask = np.ones(len(ids), dtype=bool)
         if len(ids):
             mask[0] = False
+        if not mask.any() and not cut:
+            untrained += 1  # nothing to learn even untruncated (e.g. no assistant turn)
         if len(ids) > cfg.max_seq_length:
             ids, mask = ids[: cfg.max_seq_length], mask[: cfg.max_seq_length]
             truncated += 1
@@ -104,11 +132,22 @@ def _tokenize(name: str, source: Path, records: list, fmt: str, renderer: Render
         masks.append(mask)
     if not sequences:
         raise UserError(
-            f"{source}: no usable {name} examples: all {dropped} have no target token left "
-            f"(prompt at least max_seq_length={cfg.max_seq_length} tokens?); "
-            "raise max_seq_length or shorten the prompts"
+            f"{source}: no usable {name} examples: " + _why_dropped(dropped, untrained, cfg)
         )
     return Split(name, str(source), sequences, masks, truncated, fmt, dropped)
+
+
+def _why_dropped(dropped: int, untrained: int, cfg) -> str:
+    if untrained == dropped:
+        return (
+            f"none of the {dropped} has a token to train on (with mask_prompt only completions "
+            "and assistant turns are trained); give each record an assistant turn or completion, "
+            "or set mask_prompt: false"
+        )
+    return (
+        f"all {dropped} have no target token left (prompt at least "
+        f"max_seq_length={cfg.max_seq_length} tokens?); raise max_seq_length or shorten the prompts"
+    )
 
 
 def _file_format(records: list, cfg) -> str:

@@ -72,3 +72,59 @@ def encode(
     flush()
     mask = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
     return np.asarray(ids, dtype=np.int32), mask.astype(bool)
+
+
+# ---------------------------------------------------------------------------- character budget
+# Tokens kept beyond max_seq_length before the cut, so that the tokens a cut word turns into
+# (its last, changed merges) fall after the truncation point.
+MARGIN_TOKENS = 16
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for: the longest vocabulary string (byte-level
+    vocabularies spell each byte as one character, and a character is at least one byte)."""
+    vocab = getattr(tokenizer, "get_vocab", dict)()
+    return max((len(t) for t in vocab), default=16) or 1
+
+
+def char_budget(max_tokens: int, longest_token: int) -> int:
+    """Characters that always hold more than `max_tokens` + MARGIN_TOKENS tokens (each token
+    covers at most `longest_token` characters): text beyond them is truncated anyway, so it is
+    cut off before tokenizing and a record of any size costs the same."""
+    return (max_tokens + MARGIN_TOKENS) * longest_token
+
+
+def clip_record(value, budget: int):
+    """Every string inside a record (messages included) cut to `budget` characters: a field
+    longer than that already fills the sequence on its own."""
+    if isinstance(value, str):
+        return value[:budget]
+    if isinstance(value, dict):
+        return {k: clip_record(v, budget) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clip_record(v, budget) for v in value]
+    return value
+
+
+def cut_pieces(pieces: list, budget: int) -> tuple:
+    """(the pieces up to `budget` characters of text in all, whether anything was cut)."""
+    out, used = [], 0
+    for piece, target in pieces:
+        if isinstance(piece, str):
+            if used + len(piece) > budget:
+                out.append((piece[: budget - used], target))
+                return out, True
+            used += len(piece)
+        out.append((piece, target))
+    return out, False
+
+
+def record_size(value) -> int:
+    """Characters of text in a record (strings, nested)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(record_size(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(record_size(v) for v in value)
+    return 0

@@ -18,12 +18,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from mlxft.adapters.files import trained_quantization
 from mlxft.data.loader import load_records
 from mlxft.data.records import sharegpt_messages, validate
 from mlxft.data.render import Renderer
 from mlxft.data.tokenize import encode
 from mlxft.errors import UserError
-from mlxft.inference.load import load_for_inference, trained_quantization
+from mlxft.inference.load import load_for_inference
 from mlxft.inference.sampling import StreamDecoder, eos_ids
 from mlxft.inference.scores import SCORING, score, scorers
 

@@ -16,7 +16,7 @@ from mlxft.adapters.files import load_adapter
 from mlxft.adapters.targets import AdapterPlan, plan_from_adapter
 from mlxft.backend import Backend
 from mlxft.backends import get_backend
-from mlxft.config import CONFIG_FILE, build_config
+from mlxft.config import build_config
 from mlxft.hub import load_tokenizer, resolve_model
 from mlxft.model_dir import read_model_config
 
@@ -42,23 +42,6 @@ def context_length(model_config: dict) -> int | None:
         or model_config.get("seq_length")
     )
     return int(value) if value else None
-
-
-def trained_quantization(adapter_path: str | None) -> dict:
-    """`quantize` / `q_group_size` of the QLoRA run that wrote `adapter_path` (from its
-    mlxft_config.yaml), so generation sees the base the adapter was trained against."""
-    import yaml
-
-    path = Path(adapter_path).expanduser() / CONFIG_FILE if adapter_path else None
-    if path is None or not path.is_file():
-        return {}
-    try:
-        saved = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        return {}
-    return {
-        k: saved[k] for k in ("quantize", "q_group_size") if saved.get("quantize") and k in saved
-    }
 
 
 def load_for_inference(

@@ -8,6 +8,7 @@ so `--backend mlx` and `--backend torch` pick the same tokens from the same logi
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,13 @@ class SamplingParams:
     seed: int | None = None
 
     def check(self) -> None:
+        for flag, value in (
+            ("--temp", self.temperature),
+            ("--top-p", self.top_p),
+            ("--repetition-penalty", self.repetition_penalty),
+        ):
+            if not math.isfinite(value):
+                raise UserError(f"{flag} must be a finite number, got {value}")
         if self.temperature < 0:
             raise UserError(f"--temp must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:

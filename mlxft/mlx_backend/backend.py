@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlxft import flags
 from mlxft.adapters.files import match_adapter_weights, peft_key
 from mlxft.adapters.targets import AdapterPlan, LinearInfo, block_index, full_layers
-from mlxft.backend import checkpointed_blocks, head_note
+from mlxft.backend import StepResult, checkpointed_blocks, head_note
 from mlxft.data.batching import head_rows
 from mlxft.errors import UserError
 from mlxft.mlx_backend.arrays import numpy_weights
@@ -45,13 +45,16 @@ def load_mlx_model(model_path: Path, dtype: str = "auto", trust_remote_code: boo
         model, config = load_model(
             model_path, model_config=fixes, trust_remote_code=trust_remote_code
         )
-    except ValueError as err:
-        message = str(err).splitlines()[0]
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as err:
+        # config.json or weights that check_model_dir could not tell apart from good ones
+        message = (str(err).splitlines() or [""])[0] or type(err).__name__
         if "trust_remote_code" in message:
             raise UserError(
                 f"{model_path}: needs custom code; pass --trust-remote-code if you trust it"
             ) from None
-        raise UserError(f"{model_path}: mlx-lm cannot load this model: {message}") from None
+        raise UserError(
+            f"{model_path}: mlx-lm cannot load this model ({type(err).__name__}: {message[:200]})"
+        ) from None
     if dtype != "auto":
         target = _DTYPES[dtype]
         model.update(
@@ -316,6 +319,9 @@ class MLXBackend:
             return norm
 
         self._grads_of, self._apply, self._state = grads_of, apply, state
+        # evaluated after the step's own graph: inside it, it changes MLX's evaluation order and
+        # with it the step's peak memory, which the memory planner is calibrated against
+        self._usable = mx.compile(_usable) if use_compile() else _usable
 
     def _choose_loss(self):
         """The head split off the model when that is exact for it (mlxft.mlx_backend.loss): the
@@ -340,9 +346,8 @@ class MLXBackend:
         """The CPU's attention for the steps built inside (mlxft.mlx_backend.attention)."""
         return fast_attention(self.model) if cpu_kernels() else contextlib.nullcontext()
 
-    def train_step(self, batches: list, lr: float) -> tuple:
-        """One optimizer step over `batches` (the grad-accumulation group).
-        Returns (sum of token losses, trained tokens, gradient norm)."""
+    def train_step(self, batches: list, lr: float) -> StepResult:
+        """One optimizer step over `batches` (the grad-accumulation group)."""
         self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
         acc, total, count = None, mx.array(0.0), mx.array(0.0)
         with self._kernels():
@@ -357,7 +362,8 @@ class MLXBackend:
                 total, count = total + t, count + c
         norm = self._apply(acc, count)
         mx.eval(self._state, total, count, norm)
-        return total.item(), int(count.item()), norm.item()
+        usable = self._usable(self.model.trainable_parameters(), self.optimizer.state)
+        return StepResult(total.item(), int(count.item()), norm.item(), bool(usable.item()))
 
     def eval_loss(self, batches: list) -> tuple:
         """(sum of token losses, token count) over `batches`, dropout off."""
@@ -455,6 +461,18 @@ class MLXBackend:
 
     def reset_peak_memory(self) -> None:
         mx.reset_peak_memory()
+
+
+def _usable(weights, optimizer_state) -> mx.array:
+    """True when the weights' float32 sum of squares and every optimizer value are finite
+    (`mlxft.backend.StepResult.weights_finite`): one reduction on the device, compiled (fused)
+    where the steps are."""
+    squares = sum(mx.sum(mx.square(w.astype(mx.float32))) for _, w in tree_flatten(weights))
+    ok = mx.isfinite(squares)
+    for _, value in tree_flatten(optimizer_state):
+        if isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating):
+            ok = mx.logical_and(ok, mx.all(mx.isfinite(value)))
+    return ok
 
 
 def _global_norm(grads) -> mx.array:

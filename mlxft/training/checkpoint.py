@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 from dataclasses import asdict, dataclass, replace
+from dataclasses import fields as fields_of
 from pathlib import Path
 
 import numpy as np
@@ -245,11 +246,11 @@ def write_checkpoint(
     cfg,
     backend,
     fingerprint_: dict,
-    keep: int,
     extra_state: dict | None = None,
 ) -> Path:
-    """checkpoints/step-NNNNNNN, atomically; then only the newest `keep` are kept.
-    `extra_state` (e.g. early stopping's) is stored in trainer_state.json beside the position."""
+    """checkpoints/step-NNNNNNN, atomically.  Older ones are pruned by `prune`, once this one's
+    weights have been seen to compute a finite loss (`mlxft.training.session`).  `extra_state`
+    (e.g. early stopping's) is stored in trainer_state.json beside the position."""
     target = Path(adapter_path) / CHECKPOINTS / f"step-{pos.step:07d}"
     tensors = {f"optim.{k}": np.ascontiguousarray(v) for k, v in backend.optimizer_state().items()}
     rng = dict(numpy_rng_state(), **backend.rng_state())
@@ -266,25 +267,66 @@ def write_checkpoint(
         save_config(replace(cfg, resume=False, resume_from=None), tmp / CONFIG_FILE)
         save_safetensors(tmp / STATE_TENSORS, tensors)
         write_json(tmp / STATE_JSON, state)  # last: its presence marks the checkpoint complete
-    for _, old in checkpoint_dirs(adapter_path)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
+def prune(adapter_path: Path, keep: int, also_keep: Path | None = None) -> None:
+    """Keep the newest `keep` checkpoints (and `also_keep`, the last one known good)."""
+    for _, old in checkpoint_dirs(adapter_path)[:-keep]:
+        if also_keep is None or old != Path(also_keep):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def discard(path: Path) -> None:
+    """Remove a checkpoint whose weights turned out to compute a non-finite loss."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _damaged(path: Path, problem: str) -> UserError:
+    return UserError(
+        f"{path}: damaged checkpoint ({problem}); resume from an earlier one with --resume-from, "
+        "or start over without --resume"
+    )
+
+
+def _check_state(path: Path, state) -> dict:
+    """trainer_state.json's shape, so a hand-edited or damaged file is one line, not a crash."""
+    if not isinstance(state, dict):
+        raise _damaged(path, f"{STATE_JSON} holds {type(state).__name__}, not an object")
+    if state.get("format") != FORMAT:
+        raise UserError(f"{path / STATE_JSON}: unknown checkpoint format {state.get('format')!r}")
+    position = state.get("position")
+    names = [f.name for f in fields_of(Position)]
+    if not isinstance(position, dict) or sorted(position) != sorted(names):
+        raise _damaged(path, f"{STATE_JSON}: 'position' must have {', '.join(names)}")
+    for key, value in position.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _damaged(path, f"{STATE_JSON}: position.{key} is {value!r}, not a count")
+    if not isinstance(state.get("fingerprint"), dict):
+        raise _damaged(path, f"{STATE_JSON}: no 'fingerprint' object")
+    return state
+
+
 def read_checkpoint(path: Path) -> tuple:
-    """(trainer_state.json dict, optimizer tensors, rng tensors)."""
+    """(trainer_state.json dict, optimizer tensors, rng tensors), each file checked."""
     from safetensors.numpy import load_file
+
+    from mlxft.model_dir import check_safetensors
 
     try:
         state = json.loads((path / STATE_JSON).read_text())
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError included
+        raise _damaged(path, str(err).splitlines()[0]) from None
+    _check_state(path, state)
+    check_safetensors(
+        path / STATE_TENSORS,
+        "checkpoint state",
+        "resume from an earlier checkpoint with --resume-from, or start over without --resume",
+    )
+    try:
         tensors = load_file(str(path / STATE_TENSORS))
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"{path}: damaged checkpoint ({str(err).splitlines()[0]}); resume from an earlier one "
-            "with --resume-from"
-        ) from None
-    if state.get("format") != FORMAT or "position" not in state:
-        raise UserError(f"{path / STATE_JSON}: unknown checkpoint format {state.get('format')!r}")
+    except Exception as err:  # safetensors' own error type, for what the header check missed
+        raise _damaged(path, f"{STATE_TENSORS}: {str(err).splitlines()[0]}") from None
     optim = {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")}
     rng = {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
     return state, optim, rng
@@ -308,7 +350,7 @@ def rewind(adapter_path: Path, step: int) -> list:
         for line in metrics.read_text().splitlines():
             try:
                 after = json.loads(line).get("step", 0) > step
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, TypeError):
                 after = True  # a line cut by the kill
             dropped += after
             if not after:
@@ -316,21 +358,3 @@ def rewind(adapter_path: Path, step: int) -> list:
         if dropped:
             write_text(metrics, "".join(line + "\n" for line in kept))
     return notes
-
-
-def clear_stale(adapter_path: Path) -> str | None:
-    """A fresh run in a directory with another run's files: remove its checkpoints (so a later
-    `--resume` cannot pick up the old run) and its metrics.jsonl (so curves don't mix)."""
-    old = checkpoint_dirs(adapter_path)
-    for _, path in old:
-        shutil.rmtree(path, ignore_errors=True)
-    metrics = Path(adapter_path) / METRICS_FILE
-    if metrics.exists():  # a fresh run starts a fresh curve; a resumed one appends (see `rewind`)
-        metrics.unlink()
-    if old:
-        return (
-            f"removed {len(old)} checkpoint(s) of an earlier run in "
-            f"{Path(adapter_path) / CHECKPOINTS} "
-            "(pass --resume to continue a run instead)"
-        )
-    return None

@@ -24,33 +24,75 @@ _OOM_MARKERS = (
 )
 
 
-def check_finite(step: int, loss: float, grad_norm: float, lr: float, cfg, last_checkpoint) -> None:
-    """Stop on a NaN/inf loss or gradient norm (the weights just updated are already poisoned)."""
-    bad = [
-        name
-        for name, value in (("loss", loss), ("gradient norm", grad_norm))
-        if not math.isfinite(value)
-    ]
-    if not bad:
-        return
-    values = ", ".join(
-        f"{name} {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm))
-    )
-    kept = (
-        f"last good checkpoint: {last_checkpoint}"
-        if last_checkpoint
-        else "no checkpoint was saved yet"
-    )
+def _advice(cfg, lr: float, last_good) -> str:
+    kept = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was saved yet"
     clip = (
         f"lower grad_clip (now {cfg.grad_clip:g})"
         if cfg.grad_clip
         else "set grad_clip (e.g. --grad-clip 1.0)"
     )
+    return (
+        f"stopped without saving these weights ({kept}). Try a lower learning_rate "
+        f"(now {lr:.3g}), {clip}, or check the data for broken examples"
+    )
+
+
+def check_step(step, cfg, last_good) -> None:
+    """Stop on a step that went bad: its loss (computed with the weights of the step before),
+    its gradient norm, or the weights and optimizer state after its update
+    (`StepResult.weights_finite`).  `last_good` is the newest checkpoint whose weights were seen
+    to compute a finite loss."""
+    bad = [
+        name
+        for name, ok in (
+            ("loss", math.isfinite(step.loss)),
+            ("gradient norm", math.isfinite(step.grad_norm)),
+            ("updated weights", step.weights_finite),
+        )
+        if not ok
+    ]
+    if not bad:
+        return
+    values = f"loss {step.loss:.4g}, gradient norm {step.grad_norm:.4g}"
+    if not step.weights_finite:
+        values += ", weights or optimizer state NaN/inf, or overflowing float32 when squared"
     raise UserError(
-        f"step {step}: the {' and '.join(bad)} became non-finite ({values}); stopped without "
-        f"saving these weights "
-        f"({kept}). Try a lower learning_rate (now {lr:.3g}), {clip}, or check the data for broken "
-        f"examples"
+        f"step {step.step}: the {' and '.join(bad)} became non-finite ({values}); "
+        + _advice(cfg, step.learning_rate, last_good)
+    )
+
+
+def check_evaluation(step: int, loss: float, lr: float, cfg, last_good) -> None:
+    """A validation loss that is not finite: at step 0 the base model itself overflows; later,
+    the weights after `step` are diverged and must not be saved."""
+    if math.isfinite(loss):
+        return
+    if step == 0:
+        raise UserError(
+            f"{cfg.model}: the validation loss of the model before any training is {loss} "
+            f"(dtype {cfg.dtype}); its weights overflow or hold NaN/inf. Try --dtype float32 "
+            "or check the model files"
+        )
+    raise UserError(
+        f"step {step}: the validation loss became non-finite ({loss}) with the weights after "
+        f"this step; " + _advice(cfg, lr, last_good)
+    )
+
+
+def collapsed(loss: float, grad_norm: float, vocab_size: int | None) -> str | None:
+    """A warning when training has stalled at a uniform prediction: the loss sits at
+    ln(vocabulary size) and no gradient flows (saturated weights, typically from a far too
+    high learning rate), so no further step can change anything."""
+    if not vocab_size or vocab_size < 2 or grad_norm > 1e-10:
+        return None
+    uniform = math.log(vocab_size)
+    if abs(loss - uniform) > 1e-3 * uniform:
+        return None
+    return (
+        f"the loss is stuck at ln(vocabulary size) = {uniform:.4f} with zero gradients: the "
+        "model predicts every token as equally likely and cannot learn any more (its weights "
+        "saturated, usually from a far too high learning_rate). Stop and start again with a "
+        "lower learning_rate"
     )
 
 

@@ -15,6 +15,7 @@ from mlxft.data import load_splits, pad_token_id
 from mlxft.fileio import check_destination
 from mlxft.hub import load_tokenizer, resolve_model
 from mlxft.training.checkpoint import find_checkpoint
+from mlxft.training.run_dir import check_unlocked
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Inputs:
 def read_inputs(cfg: Config) -> Inputs:
     if cfg.train:
         check_destination(Path(cfg.adapter_path), "adapter_path", empty=False)
+        check_unlocked(Path(cfg.adapter_path))
     checkpoint = find_checkpoint(cfg) if cfg.train else None
     model_path = resolve_model(cfg.model, cfg.revision)
     tokenizer = load_tokenizer(model_path, cfg)

@@ -4,10 +4,13 @@ metrics.jsonl is a public contract users plot from.  Every line has `step`, then
 `train_loss` or `val_loss` (or `test_loss`), and `learning_rate`, `tokens_per_second`,
 `iterations_per_second`, `trained_tokens`, `peak_memory_gb`.  Validation lines of a run with
 `eval_prompts` add `samples`: [{"prompt", "output"}], the greedy generations at that step.
+Every line is strict JSON: a number that is not finite is written as `null` (Python's `NaN`
+token is not JSON), and the writer refuses any that slips through (`allow_nan=False`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -15,24 +18,47 @@ from pathlib import Path
 
 import click
 
+from mlxft.fileio import ensure_dir, write_error
+
 METRICS_FILE = "metrics.jsonl"  # one JSON object per report, in adapter_path
 
 
+def strict(record: dict) -> dict:
+    """`record` with every non-finite float as None (JSON null)."""
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }
+
+
 class Reporter:
+    """Prints the run's lines; appends its reports to metrics.jsonl once `open` is called
+    (after the run directory is prepared: nothing is written before every check passed)."""
+
     def __init__(self, path: Path | None, total_steps: int, quiet: bool = False):
-        self.path = Path(path) if path else None
+        self.path = None
         self.total = total_steps
         self.quiet = quiet
         self.tty = sys.stderr.isatty() and not quiet
         self._handle = None
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if path:
+            self.open(path)
+
+    def open(self, path: Path) -> None:
+        self.path = Path(path)
+        ensure_dir(self.path.parent)
+        try:
             self._handle = open(self.path, "a", buffering=1)
+        except OSError as err:
+            raise write_error(err, self.path) from None
 
     def _write(self, record: dict) -> None:
         if self._handle:
-            self._handle.write(json.dumps(record) + "\n")
-            self._handle.flush()
+            line = json.dumps(strict(record), allow_nan=False) + "\n"
+            try:
+                self._handle.write(line)
+                self._handle.flush()
+            except OSError as err:
+                raise write_error(err, self.path) from None
 
     def echo(self, text: str) -> None:
         if not self.quiet:
@@ -121,7 +147,9 @@ class Reporter:
     def close(self) -> None:
         self.clear_progress()
         if self._handle:
-            self._handle.close()
+            with contextlib.suppress(OSError):  # a failed write was already reported
+                self._handle.close()
+            self._handle = None
 
 
 def sample_lines(step: int, samples: list) -> list:

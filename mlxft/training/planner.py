@@ -22,7 +22,7 @@ from pathlib import Path
 from mlxft.adapters.targets import LinearInfo, block_index, select_layers, select_targets
 from mlxft.device import machine_memory
 from mlxft.errors import UserError
-from mlxft.model_dir import read_model_config
+from mlxft.model_dir import read_model_config, weight_files
 
 GB = 1e9
 _DTYPE_BYTES = {
@@ -62,7 +62,7 @@ def read_header(path: Path) -> dict:
 
 def model_tensors(model_dir: Path) -> dict:
     tensors: dict = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
+    for file in weight_files(model_dir):
         tensors.update(read_header(file))
     return tensors
 

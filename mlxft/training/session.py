@@ -13,8 +13,10 @@ diverged loss, out of memory or Ctrl-C.
 
 from __future__ import annotations
 
+import json
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +28,8 @@ from mlxft.backends import get_backend
 from mlxft.config import CONFIG_FILE, Config, save_config, total_iters
 from mlxft.data import Split, epoch_batches, eval_batches, padding_fraction
 from mlxft.errors import UserError
-from mlxft.training import checkpoint, guards, planner
+from mlxft.model_dir import check_model_dir, read_model_config
+from mlxft.training import checkpoint, guards, planner, run_dir
 from mlxft.training.checkpoint import Position
 from mlxft.training.early_stopping import EarlyStopping, Epochs
 from mlxft.training.eval_samples import EvalSamples
@@ -46,6 +49,7 @@ class Step:
     positions: int  # batch positions processed, padding included
     grad_norm: float
     seconds: float
+    weights_finite: bool = True  # the weights and optimizer state after the update
 
     @property
     def loss(self) -> float:
@@ -92,6 +96,8 @@ class Session:
         self.backend = get_backend(cfg)
         full_resume = self.checkpoint is not None and cfg.fine_tune_type == "full"
         # a full fine-tune's checkpoint is a whole model directory
+        if full_resume:
+            check_model_dir(self.checkpoint)
         self.backend.load(self.checkpoint if full_resume else self.model_path)
         self.plan = None
         if cfg.fine_tune_type != "full":
@@ -106,11 +112,16 @@ class Session:
         self.longest = max(len(s) for s in self.splits["train"].sequences)
         self.estimate: planner.Estimate | None = None
         self.fingerprint: dict | None = None
-        self.last_checkpoint: Path | None = self.checkpoint
+        self.last_checkpoint: Path | None = self.checkpoint  # the newest written
+        self.last_good: Path | None = self.checkpoint  # the newest seen to compute a finite loss
+        self.pending: Path | None = None  # written, its weights not yet seen by a step
         self.saved_step = 0
+        self.vocab_size = _vocab_size(self.model_path)
+        self._stall_warned = False
         self.first_val_loss: float | None = None
         self.last_val_loss: float | None = None
         self.monitor: EarlyStopping | None = None
+        self.samples: EvalSamples | None = None
 
     # ------------------------------------------------------------------ header
     def header(self, iters: int, batches_per_epoch: int, pad_frac: float) -> list:
@@ -165,30 +176,40 @@ class Session:
             lr = learning_rate(pos.step, cfg.learning_rate, cfg.lr_schedule, iters)
             group = [next(stream) for _ in range(cfg.grad_accumulation_steps)]
             tic = time.perf_counter()
-            loss_sum, tokens, grad_norm = self._guarded(self.backend.train_step, group, lr)
+            result = self._guarded(self.backend.train_step, group, lr)
             seconds = time.perf_counter() - tic
             pos.step += 1
-            pos.trained_tokens += tokens
+            pos.trained_tokens += result.tokens
             positions = sum(b.inputs.size for b in group)
-            yield Step(pos.step, lr, loss_sum, tokens, positions, grad_norm, seconds)
+            yield Step(
+                pos.step,
+                lr,
+                result.loss_sum,
+                result.tokens,
+                positions,
+                result.grad_norm,
+                seconds,
+                result.weights_finite,
+            )
 
     # ------------------------------------------------------------------ train
     def train(self) -> TrainResult:
+        """Every check first (config, data, model, checkpoint, optimizer, restored state), then
+        the run directory: locked, an earlier run moved aside or a resumed one rewound, and only
+        then written to.  A run that fails before its first step leaves adapter_path as it was."""
         cfg, backend = self.cfg, self.backend
         first_epoch = epoch_batches(
             self.splits["train"], cfg.batch_size, seed=cfg.seed, epoch=0, pad_id=self.pad_id
         )
         iters = total_iters(cfg, len(first_epoch))
         val = eval_batches(self.splits["valid"], cfg.batch_size, self.pad_id, cfg.val_batches)
-        samples = self._eval_samples()  # checked before anything is written
-        pos, notes, restored = self._start(iters)
-        self.monitor = monitor = EarlyStopping(
+        self.samples = self._eval_samples()  # checked before anything is written
+        pos, notes, restored = self._plan_start(iters)
+        self.monitor = EarlyStopping(
             cfg.early_stopping_patience, cfg.early_stopping_min_delta, cfg.save_best, self.out
         )
-        monitor.start(self.checkpoint, restored[0].get("early_stopping") if restored else None)
-        notes.append(monitor.describe())
-        epochs = Epochs(len(first_epoch))
-        reporter = Reporter(self.out / METRICS_FILE, iters, quiet=self.quiet)
+        notes.append(self.monitor.describe())
+        reporter = Reporter(None, iters, quiet=self.quiet)
         memory, self.estimate = planner.header_line(cfg, self.model_path, self.longest)
         header = self.header(iters, len(first_epoch), padding_fraction(first_epoch))
         for line in [*header, memory]:
@@ -201,8 +222,36 @@ class Session:
                 f"Resuming from {self.checkpoint} at step {pos.step} "
                 f"(epoch {pos.epoch}, batch {pos.index})"
             )
-        for note in filter(None, notes):
-            reporter.echo(note)
+        with run_dir.RunLock(self.out) as lock:
+            notes = lock.notes + self._prepare(pos, restored) + notes
+            self.monitor.start(
+                self.checkpoint, restored[0].get("early_stopping") if restored else None
+            )
+            reporter.open(self.out / METRICS_FILE)
+            try:
+                for note in filter(None, notes):
+                    reporter.echo(note)
+                self._run(pos, iters, val, reporter, Epochs(len(first_epoch)))
+            finally:
+                reporter.close()
+            self.save_adapter(self.out)
+        reporter.echo(
+            f"Saved the full model to {self.out} (Hugging Face directory: config.json, "
+            f"model.safetensors)"
+            if cfg.fine_tune_type == "full"
+            else f"Saved adapter to {self.out} "
+            "(PEFT layout: adapter_config.json, adapter_model.safetensors)"
+        )
+        return TrainResult(
+            self.out, pos.step, pos.trained_tokens, self.first_val_loss, self.last_val_loss
+        )
+
+    def _run(
+        self, pos: Position, iters: int, val: list, reporter: Reporter, epochs: Epochs
+    ) -> None:
+        """Validation, steps, reports and checkpoints from `pos` to `iters` (or Ctrl-C, or
+        early stopping)."""
+        cfg, backend, monitor, samples = self.cfg, self.backend, self.monitor, self.samples
         backend.reset_peak_memory()
         window = Window()
         self.saved_step = pos.step
@@ -213,6 +262,7 @@ class Session:
             lr = learning_rate(min(step, iters - 1), cfg.learning_rate, cfg.lr_schedule, iters)
             its, tps = window.run_rates(pos.step)
             loss = total / max(count, 1)
+            guards.check_evaluation(step, loss, lr, cfg, self.last_good)
             seconds = time.perf_counter() - tic
             reporter.evaluation(
                 step,
@@ -231,73 +281,52 @@ class Session:
             return loss
 
         with guards.StopRequest() as stop:
-            try:
-                if not self.checkpoint:
-                    self.first_val_loss = evaluate(0)
-                epochs_done = epochs.completed(pos)
-                for step in self.steps(pos, iters, stop):
-                    guards.check_finite(
+            if not self.checkpoint:
+                self.first_val_loss = evaluate(0)
+            epochs_done = epochs.completed(pos)
+            for step in self.steps(pos, iters, stop):
+                self._settle_pending(step.loss, reporter)
+                guards.check_step(step, cfg, self.last_good)
+                self._warn_if_stalled(step)
+                window.add(step)
+                reporter.progress(step.step)
+                if step.step % cfg.steps_per_report == 0 or step.step == iters:
+                    reporter.train(
                         step.step,
-                        step.loss,
-                        step.grad_norm,
+                        window.loss,
                         step.learning_rate,
-                        cfg,
-                        self.last_checkpoint,
+                        window.its,
+                        window.tps,
+                        pos.trained_tokens,
+                        backend.peak_memory_gb(),
+                        step.grad_norm,
                     )
-                    window.add(step)
-                    reporter.progress(step.step)
-                    if step.step % cfg.steps_per_report == 0 or step.step == iters:
-                        reporter.train(
-                            step.step,
-                            window.loss,
-                            step.learning_rate,
-                            window.its,
-                            window.tps,
-                            pos.trained_tokens,
-                            backend.peak_memory_gb(),
-                            step.grad_norm,
-                        )
-                        window.reset()
-                    evaluated = step.step % cfg.steps_per_eval == 0 or step.step == iters
-                    if evaluated:
+                    window.reset()
+                evaluated = step.step % cfg.steps_per_eval == 0 or step.step == iters
+                if evaluated:
+                    self.last_val_loss = evaluate(step.step)
+                epoch, epochs_done = epochs.ended(epochs_done, pos), epochs.completed(pos)
+                if epoch:
+                    reporter.echo(f"Epoch {epoch} done at step {step.step}")
+                    if cfg.eval_every_epoch and not evaluated:
                         self.last_val_loss = evaluate(step.step)
-                    epoch, epochs_done = epochs.ended(epochs_done, pos), epochs.completed(pos)
-                    if epoch:
-                        reporter.echo(f"Epoch {epoch} done at step {step.step}")
-                        if cfg.eval_every_epoch and not evaluated:
-                            self.last_val_loss = evaluate(step.step)
-                    if monitor.stopped:
-                        reporter.echo(monitor.reason(step.step))
-                        break
-                    if step.step % cfg.save_every == 0 and step.step != iters:
-                        self.save_checkpoint(pos)
-                if stop.requested and pos.step < iters:
-                    self._interrupted(pos)
-            finally:
-                reporter.close()
-        self.save_adapter(self.out)
-        reporter.echo(
-            f"Saved the full model to {self.out} (Hugging Face directory: config.json, "
-            f"model.safetensors)"
-            if cfg.fine_tune_type == "full"
-            else f"Saved adapter to {self.out} "
-            "(PEFT layout: adapter_config.json, adapter_model.safetensors)"
-        )
-        return TrainResult(
-            self.out, pos.step, pos.trained_tokens, self.first_val_loss, self.last_val_loss
-        )
+                if monitor.stopped:
+                    reporter.echo(monitor.reason(step.step))
+                    break
+                if step.step % cfg.save_every == 0 and step.step != iters:
+                    self.save_checkpoint(pos)
+            if stop.requested and pos.step < iters:
+                self._interrupted(pos)
 
-    def _eval_samples(self):
+    def _eval_samples(self) -> EvalSamples | None:
         """eval_prompts, tokenized and checked against the context window (None when unset)."""
         if not self.cfg.eval_prompts:
             return None
         return EvalSamples(self.cfg, self.tokenizer, self.model_path, self.splits["train"].format)
 
-    def _start(self, iters: int) -> tuple:
-        """(position, notices, checkpoint contents or None), with adapter_path ready for this run.
-
-        A fresh run clears an earlier run's checkpoints (so `--resume` cannot pick them up); a
-        resumed one is first checked against the checkpoint, then the directory is rewound to it."""
+    def _plan_start(self, iters: int) -> tuple:
+        """(position, notices, checkpoint contents or None), reading only: a resumed run is
+        checked against its checkpoint here, before anything is written."""
         self.fingerprint = checkpoint.fingerprint(self.cfg, self.model_path, self.splits["train"])
         pos, notes, restored = Position(), [], None
         if self.checkpoint:
@@ -310,13 +339,58 @@ class Session:
                     f"{self.checkpoint}: the run already reached step {pos.step} of iters {iters}; "
                     "raise iters to train further"
                 )
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.checkpoint:
-            notes += checkpoint.rewind(self.out, pos.step)
-        else:
-            notes.append(checkpoint.clear_stale(self.out))
-        save_config(replace(self.cfg, resume=False, resume_from=None), self.out / CONFIG_FILE)
         return pos, notes, restored
+
+    def _prepare(self, pos: Position, restored) -> list:
+        """With the lock held: sweep a killed writer's temporaries, then rewind the directory to
+        the resumed checkpoint, or move an earlier run aside; write this run's config."""
+        notes = []
+        swept = run_dir.sweep(self.out)
+        if swept:
+            notes.append(f"removed {swept} temporary file(s) an interrupted run left in {self.out}")
+        if self.checkpoint:
+            self._check_unchanged(restored[0])
+            notes += checkpoint.rewind(self.out, pos.step)
+        else:  # a full fine-tune of the model in adapter_path itself still reads its files
+            in_place = self.model_path.resolve() == self.out.resolve()
+            notes.append(run_dir.move_aside(self.out, model_files=not in_place))
+        save_config(replace(self.cfg, resume=False, resume_from=None), self.out / CONFIG_FILE)
+        return notes
+
+    def _check_unchanged(self, state: dict) -> None:
+        """The checkpoint read before the lock was taken is still the one on disk."""
+        try:
+            now = json.loads((self.checkpoint / checkpoint.STATE_JSON).read_text())
+        except (OSError, ValueError):
+            now = None
+        if now != state:
+            raise UserError(
+                f"{self.checkpoint}: changed while this run was starting (another run wrote to "
+                f"{self.out}); run the command again"
+            )
+
+    def _settle_pending(self, loss: float, reporter: Reporter) -> None:
+        """A step's loss is computed with the weights the previous step left, so it decides on
+        the checkpoint written just before it: finite, the checkpoint is good (and older ones
+        are pruned); not finite, it holds diverged weights and is removed."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        if math.isfinite(loss):
+            self.last_good = pending
+            checkpoint.prune(self.out, self.cfg.keep_checkpoints)
+            return
+        checkpoint.discard(pending)
+        self.last_checkpoint = self.last_good
+        reporter.echo(f"Removed checkpoint {pending}: its weights compute a non-finite loss")
+
+    def _warn_if_stalled(self, step: Step) -> None:
+        if self._stall_warned:
+            return
+        message = guards.collapsed(step.loss, step.grad_norm, self.vocab_size)
+        if message:
+            self._stall_warned = True
+            warnings.warn(f"step {step.step}: {message}", UserWarning, stacklevel=2)
 
     def _guarded(self, fn, *args):
         """Run a backend call; an allocation failure becomes a UserError naming the knobs."""
@@ -333,7 +407,11 @@ class Session:
         """Weights, optimizer moments and RNG from a checkpoint (its position is set by the
         caller)."""
         if self.cfg.fine_tune_type != "full":  # full fine-tunes were loaded from the checkpoint dir
-            _, weights = load_adapter(self.checkpoint)
+            _, weights = load_adapter(
+                self.checkpoint,
+                fix="resume from an earlier checkpoint with --resume-from, or start over "
+                "without --resume",
+            )
             self.backend.set_adapter_weights(weights)
         self.backend.load_optimizer_state(optimizer)
         checkpoint.set_numpy_rng_state(rng)
@@ -351,6 +429,7 @@ class Session:
 
         if pos.step > self.saved_step:
             self.save_checkpoint(pos)
+            checkpoint.prune(self.out, self.cfg.keep_checkpoints, also_keep=self.last_good)
         if self.last_checkpoint is None:
             click.echo("Interrupted before the first step: nothing to save.", err=True)
         else:
@@ -367,8 +446,12 @@ class Session:
             weights = self.backend.model_weights()
             save_full_model(out_dir, weights, self.model_path, self.backend.dtype)
             return
+        quantization = {"quantize": self.cfg.quantize, "q_group_size": self.cfg.q_group_size}
         save_adapter(
-            out_dir, self.backend.adapter_weights(), adapter_config(self.plan, self.cfg.model)
+            out_dir,
+            self.backend.adapter_weights(),
+            adapter_config(self.plan, self.cfg.model),
+            quantization,
         )
 
     def save_checkpoint(self, pos: Position) -> Path:
@@ -388,9 +471,9 @@ class Session:
             self.cfg,
             self.backend,
             self.fingerprint,
-            self.cfg.keep_checkpoints,
             {"early_stopping": monitor.state()} if monitor else None,
         )
+        self.pending = self.last_checkpoint
         self.saved_step = pos.step
         return self.last_checkpoint
 
@@ -407,6 +490,13 @@ class Session:
         if not self.quiet:
             print(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700)):.3f}.")
         return loss
+
+
+def _vocab_size(model_path: Path) -> int | None:
+    """The output layer's width (config.json), for the stalled-at-uniform warning."""
+    config = read_model_config(model_path)
+    value = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return value if isinstance(value, int) else None
 
 
 class Window:

@@ -81,7 +81,7 @@ def run_one(name: str, args) -> dict:
         times, losses = [], []
         for batch in batches:
             tic = time.perf_counter()
-            loss, tokens, _ = backend.train_step([batch], cfg.learning_rate)
+            loss, tokens = backend.train_step([batch], cfg.learning_rate)[:2]
             times.append(time.perf_counter() - tic)
             losses.append(loss / tokens)
         return {

@@ -3,6 +3,11 @@
 Library code raises `UserError`; each command is wrapped in `user_errors`, which prints it as
 `Error: <one line>` and exits with status 2.  Both live here, below every command, so that a
 command never has to import the CLI module to get them.
+
+In a data-parallel run (`mlxft.training.world`) every rank is a process of its own: rank 0
+prints its errors as above, any other rank prefixes `rank N:`, and an error that every rank
+raises alike (`every_rank`: it follows from the shared command line or from values the ranks
+agreed on) is printed by rank 0 alone.
 """
 
 from __future__ import annotations
@@ -10,9 +15,21 @@ from __future__ import annotations
 import functools
 import sys
 
+from mlxft import flags
+
 
 class UserError(Exception):
     """Bad input from the user: a file, a line, a key, a value. The message says what to do."""
+
+    def __init__(self, message: str = "", *, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+def error_line(message: str) -> str:
+    """`Error: message` as this process prints it (prefixed with the rank on ranks other than 0)."""
+    rank = flags.launch_rank()
+    return f"Error: {message}" if not rank else f"Error: rank {rank}: {message}"
 
 
 def user_errors(fn):
@@ -25,10 +42,12 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            click.echo(f"Error: {err}", err=True)
+            if not (err.every_rank and flags.launch_rank()):
+                click.echo(error_line(str(err)), err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
+            if not flags.launch_rank():
+                click.echo("Interrupted.", err=True)
             sys.exit(130)
 
     return wrapper

@@ -72,10 +72,10 @@ def test_injected_nan_keeps_the_last_good_checkpoint(stories, wikisql_small, tmp
     real = MLXBackend.train_step
     calls = {"n": 0}
 
-    def poisoned(self, batches, lr):
+    def poisoned(self, batches, lr, stop=False):
         calls["n"] += 1
-        loss, tokens, norm = real(self, batches, lr)
-        return (math.nan, tokens, norm) if calls["n"] == 5 else (loss, tokens, norm)
+        sums = real(self, batches, lr, stop)
+        return sums._replace(loss_sum=math.nan) if calls["n"] == 5 else sums
 
     monkeypatch.setattr(MLXBackend, "train_step", poisoned)
     out = tmp_path / "out"
@@ -92,7 +92,7 @@ def test_injected_nan_keeps_the_last_good_checkpoint(stories, wikisql_small, tmp
 
 
 def test_out_of_memory_is_explained_with_knobs(stories, wikisql_small, tmp_path, monkeypatch):
-    def oom(self, batches, lr):
+    def oom(self, batches, lr, stop=False):
         raise RuntimeError(
             "[metal::malloc] Attempting to allocate 68719476736 bytes which is greater than the "
             "maximum allowed buffer size of 28991029248 bytes."
@@ -115,7 +115,7 @@ def test_out_of_memory_is_explained_with_knobs(stories, wikisql_small, tmp_path,
 
 
 def test_other_runtime_errors_are_not_disguised(stories, wikisql_small, tmp_path, monkeypatch):
-    def broken(self, batches, lr):
+    def broken(self, batches, lr, stop=False):
         raise RuntimeError("shape mismatch in matmul")
 
     monkeypatch.setattr(MLXBackend, "train_step", broken)

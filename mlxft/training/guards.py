@@ -50,7 +50,8 @@ def check_finite(step: int, loss: float, grad_norm: float, lr: float, cfg, last_
         f"step {step}: the {' and '.join(bad)} became non-finite ({values}); stopped without "
         f"saving these weights "
         f"({kept}). Try a lower learning_rate (now {lr:.3g}), {clip}, or check the data for broken "
-        f"examples"
+        f"examples",
+        every_rank=True,  # the loss and norm are the world's: every rank stops here alike
     )
 
 

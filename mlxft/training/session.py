@@ -7,6 +7,10 @@ checkpoints and guards, and returns a `TrainResult`.  Validation runs before the
 every `steps_per_eval` and at the end.  Checkpoints (`mlxft.training.checkpoint`) let
 `--resume` continue a killed run exactly; `mlxft.training.guards` stops it cleanly on a
 diverged loss, out of memory or Ctrl-C.
+
+Under `mlx.launch` or `torchrun` every rank runs this same loop on its share of each batch
+(`mlxft.training.world`); the backend returns sums over the world, so the loop only has to
+leave the files (metrics, checkpoints, adapter) and the console to rank 0.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from mlxft.training.checkpoint import Position
 from mlxft.training.inputs import read_inputs
 from mlxft.training.metrics import METRICS_FILE, Reporter
 from mlxft.training.schedule import learning_rate
+from mlxft.training.world import World, check_same_start, gather_states
 
 
 @dataclass
@@ -42,6 +47,7 @@ class Step:
     positions: int  # batch positions processed, padding included
     grad_norm: float
     seconds: float
+    comm_seconds: float = 0.0  # of `seconds`, in collectives (waiting for other ranks included)
 
     @property
     def loss(self) -> float:
@@ -75,17 +81,18 @@ def batch_stream(split: Split, cfg: Config, pad_id: int, pos: Position) -> Itera
 class Session:
     """A model + tokenizer + data, loaded once; train() and test() work on it."""
 
-    def __init__(self, cfg: Config, reporter_quiet: bool = False):
+    def __init__(self, cfg: Config, reporter_quiet: bool = False, world: World | None = None):
         self.cfg = cfg
-        self.quiet = reporter_quiet
+        self.world = world or World()
+        self.quiet = reporter_quiet or not self.world.is_main
         self.out = Path(cfg.adapter_path)
-        inputs = read_inputs(cfg)
+        inputs = read_inputs(cfg, writes=self.world.is_main)
         self.model_path = inputs.model_path
         self.tokenizer = inputs.tokenizer
         self.splits = inputs.splits
         self.pad_id = inputs.pad_id
         self.checkpoint = inputs.checkpoint
-        self.backend = get_backend(cfg)
+        self.backend = get_backend(cfg, self.world)
         full_resume = self.checkpoint is not None and cfg.fine_tune_type == "full"
         # a full fine-tune's checkpoint is a whole model directory
         self.backend.load(self.checkpoint if full_resume else self.model_path)
@@ -106,6 +113,7 @@ class Session:
         self.saved_step = 0
         self.first_val_loss: float | None = None
         self.last_val_loss: float | None = None
+        self.stopped = False  # the ranks agreed to stop early (Ctrl-C)
 
     # ------------------------------------------------------------------ header
     def header(self, iters: int, batches_per_epoch: int, pad_frac: float) -> list:
@@ -113,6 +121,7 @@ class Session:
         trainable, total = b.parameter_counts()
         lines = [
             f"Model {cfg.model} ({b.dtype}) on {b.name}:{b.device}",
+            *([self.world.describe(b.name, cfg.batch_size)] if self.world.distributed else []),
             f"Trainable parameters: {100 * trainable / max(total, 1):.3f}% "
             f"({trainable / 1e6:.3f}M/{total / 1e6:.3f}M)",
         ]
@@ -153,19 +162,40 @@ class Session:
     # ------------------------------------------------------------------ steps
     def steps(self, pos: Position, iters: int, stop=None) -> Iterator[Step]:
         """Optimizer steps from `pos` up to `iters` (or until `stop.requested`), advancing `pos`.
-        `setup_training` must have run; nothing is reported or saved here."""
-        cfg = self.cfg
+        `setup_training` must have run; nothing is reported or saved here.
+
+        Every rank draws the same global batches and trains on its share; a stop request
+        (Ctrl-C) travels with the step's all-reduce, so every rank stops after the same step
+        (`self.stopped`).  One process stops before the next step, as it always did."""
+        cfg, world, backend = self.cfg, self.world, self.backend
         stream = batch_stream(self.splits["train"], cfg, self.pad_id, pos)
-        while pos.step < iters and not (stop is not None and stop.requested):
+        while pos.step < iters:
+            asked = stop is not None and stop.requested
+            if asked and not world.distributed:
+                self.stopped = True
+                return
             lr = learning_rate(pos.step, cfg.learning_rate, cfg.lr_schedule, iters)
             group = [next(stream) for _ in range(cfg.grad_accumulation_steps)]
-            tic = time.perf_counter()
-            loss_sum, tokens, grad_norm = self._guarded(self.backend.train_step, group, lr)
+            world.at(f"step {pos.step + 1}")
+            comm, tic = backend.comm_seconds, time.perf_counter()
+            sums = self._guarded(backend.train_step, [world.share(b) for b in group], lr, asked)
             seconds = time.perf_counter() - tic
             pos.step += 1
-            pos.trained_tokens += tokens
+            pos.trained_tokens += sums.tokens
             positions = sum(b.inputs.size for b in group)
-            yield Step(pos.step, lr, loss_sum, tokens, positions, grad_norm, seconds)
+            yield Step(
+                pos.step,
+                lr,
+                sums.loss_sum,
+                sums.tokens,
+                positions,
+                sums.grad_norm,
+                seconds,
+                backend.comm_seconds - comm,
+            )
+            if sums.stop:
+                self.stopped = True
+                return
 
     # ------------------------------------------------------------------ train
     def train(self) -> TrainResult:
@@ -175,9 +205,12 @@ class Session:
         )
         iters = total_iters(cfg, len(first_epoch))
         val = eval_batches(self.splits["valid"], cfg.batch_size, self.pad_id, cfg.val_batches)
+        val = [self.world.share(b) for b in val]
         pos, notes, restored = self._start(iters)
-        reporter = Reporter(self.out / METRICS_FILE, iters, quiet=self.quiet)
-        memory, self.estimate = planner.header_line(cfg, self.model_path, self.longest)
+        main = self.world.is_main
+        reporter = Reporter(self.out / METRICS_FILE if main else None, iters, quiet=self.quiet)
+        per_rank = replace(cfg, batch_size=cfg.batch_size // self.world.size)  # what one holds
+        memory, self.estimate = planner.header_line(per_rank, self.model_path, self.longest)
         header = self.header(iters, len(first_epoch), padding_fraction(first_epoch))
         for line in [*header, memory]:
             reporter.echo(line)
@@ -191,11 +224,13 @@ class Session:
             )
         for note in filter(None, notes):
             reporter.echo(note)
+        check_same_start(self.world, backend, pos, self.fingerprint)
         backend.reset_peak_memory()
         window = Window()
         self.saved_step = pos.step
 
         def evaluate(step: int) -> float:
+            self.world.at(f"validation at step {step}")
             tic = time.perf_counter()
             total, count = self._guarded(backend.eval_loss, val)
             lr = learning_rate(min(step, iters - 1), cfg.learning_rate, cfg.lr_schedule, iters)
@@ -247,11 +282,12 @@ class Session:
                         self.last_val_loss = evaluate(step.step)
                     if step.step % cfg.save_every == 0 and step.step != iters:
                         self.save_checkpoint(pos)
-                if stop.requested and pos.step < iters:
+                if self.stopped and pos.step < iters:
                     self._interrupted(pos)
             finally:
                 reporter.close()
-        self.save_adapter(self.out)
+        if main:
+            self.save_adapter(self.out)
         reporter.echo(
             f"Saved the full model to {self.out} (Hugging Face directory: config.json, "
             f"model.safetensors)"
@@ -280,6 +316,8 @@ class Session:
                     f"{self.checkpoint}: the run already reached step {pos.step} of iters {iters}; "
                     "raise iters to train further"
                 )
+        if not self.world.is_main:  # the files are rank 0's
+            return pos, notes, restored
         self.out.mkdir(parents=True, exist_ok=True)
         if self.checkpoint:
             notes += checkpoint.rewind(self.out, pos.step)
@@ -301,7 +339,7 @@ class Session:
 
     def _restore(self, state: dict, optimizer: dict, rng: dict) -> list:
         """Weights, optimizer moments and RNG from a checkpoint (its position is set by the
-        caller)."""
+        caller).  Each rank takes its own saved RNG stream (`checkpoint.rank_rng`)."""
         if self.cfg.fine_tune_type != "full":  # full fine-tunes were loaded from the checkpoint dir
             _, weights = load_adapter(self.checkpoint)
             self.backend.set_adapter_weights(weights)
@@ -312,7 +350,15 @@ class Session:
                 f"checkpoint written by the {state.get('backend')} backend: its random state does "
                 "not carry over (only dropout draws differ)"
             ]
-        self.backend.set_rng_state(rng)
+        own = checkpoint.rank_rng(rng, self.world.rank)
+        saved_size = state.get("world_size", 1)
+        if own:
+            self.backend.set_rng_state(own)
+        if saved_size != self.world.size:
+            return [
+                f"checkpoint written by {saved_size} process(es), resumed on {self.world.size}: "
+                "the data position is global, so only dropout draws differ"
+            ]
         return []
 
     def _interrupted(self, pos: Position) -> None:
@@ -321,6 +367,8 @@ class Session:
 
         if pos.step > self.saved_step:
             self.save_checkpoint(pos)
+        if not self.world.is_main:
+            raise KeyboardInterrupt
         if self.last_checkpoint is None:
             click.echo("Interrupted before the first step: nothing to save.", err=True)
         else:
@@ -341,8 +389,15 @@ class Session:
             out_dir, self.backend.adapter_weights(), adapter_config(self.plan, self.cfg.model)
         )
 
-    def save_checkpoint(self, pos: Position) -> Path:
-        """checkpoints/step-NNNNNNN: weights, config, optimizer state, RNG, data position."""
+    def save_checkpoint(self, pos: Position) -> Path | None:
+        """checkpoints/step-NNNNNNN: weights, config, optimizer state, RNG, data position.
+        Every rank takes part (each rank's RNG state is gathered); rank 0 writes."""
+        self.world.at(f"checkpoint at step {pos.step}")
+        states = gather_states(self.world, self.backend, self.backend.rng_state())
+        self.saved_step = pos.step
+        if not self.world.is_main:
+            self.last_checkpoint = self.out / checkpoint.CHECKPOINTS / f"step-{pos.step:07d}"
+            return None
         self.last_checkpoint = checkpoint.write_checkpoint(
             self.out,
             pos,
@@ -351,8 +406,8 @@ class Session:
             self.backend,
             self.fingerprint,
             self.cfg.keep_checkpoints,
+            rank_states=states,
         )
-        self.saved_step = pos.step
         return self.last_checkpoint
 
     # ------------------------------------------------------------------ test
@@ -362,7 +417,7 @@ class Session:
         batches = eval_batches(
             self.splits["test"], self.cfg.batch_size, self.pad_id, self.cfg.test_batches
         )
-        total, count = self.backend.eval_loss(batches)
+        total, count = self.backend.eval_loss([self.world.share(b) for b in batches])
         loss = total / max(count, 1)
         if not self.quiet:
             print(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700)):.3f}.")

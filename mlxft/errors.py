@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 
 from mlxft import flags
 
@@ -32,6 +33,27 @@ def error_line(message: str) -> str:
     return f"Error: {message}" if not rank else f"Error: rank {rank}: {message}"
 
 
+class _Leaving:
+    """Which thread ends the process: the main thread with a UserError, or the watchdog
+    (`mlxft.training.watchdog`: a collective that timed out, the launcher's SIGTERM).  Both
+    can happen at once when a peer dies (the collective fails, then the launcher terminates
+    the rank); only the first speaks, so a failing rank prints one line."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.owner = None
+        self.said = threading.Event()  # the owner's line is out
+
+    def claim(self, owner: str) -> bool:
+        with self._lock:
+            if self.owner is None:
+                self.owner = owner
+            return self.owner == owner
+
+
+LEAVING = _Leaving()
+
+
 def user_errors(fn):
     """Turn a UserError into `Error: <one line>` and exit status 2; Ctrl-C into status 130."""
 
@@ -42,8 +64,9 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            if not (err.every_rank and flags.launch_rank()):
+            if LEAVING.claim("main") and not (err.every_rank and flags.launch_rank()):
                 click.echo(error_line(str(err)), err=True)
+            LEAVING.said.set()
             sys.exit(2)
         except KeyboardInterrupt:
             if not flags.launch_rank():

@@ -11,6 +11,7 @@ collective, where DDP's buckets would be several.
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import timedelta
 
@@ -48,7 +49,7 @@ class Collectives:
                 )
             except (RuntimeError, ValueError) as err:
                 raise UserError(
-                    f"{world.label}: torch.distributed cannot connect the ranks "
+                    f"torch.distributed cannot connect the ranks "
                     f"({_first_line(err)}); start the run with torchrun"
                 ) from None
 
@@ -62,7 +63,7 @@ class Collectives:
                     torch.cuda.synchronize(self.device)
             except RuntimeError as err:
                 raise UserError(
-                    f"{self.world.label}: lost another rank during {what} ({_first_line(err)}): "
+                    f"lost another rank during {what} ({_first_line(err)}): "
                     "it died or was stopped (see its error); continue with --resume from the "
                     "last checkpoint"
                 ) from None
@@ -99,4 +100,7 @@ class Collectives:
 
 
 def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    """The engine's message, short: its first sentence, without a source-file location."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", text)
+    return text.split(". ")[0][:200]

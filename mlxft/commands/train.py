@@ -149,10 +149,12 @@ def lora(**kw):
         return
     if not (cfg.train or cfg.test):
         raise UserError("nothing to do: pass --train and/or --test", every_rank=True)
-    from mlxft.training.session import Session
     from mlxft.training.world import detect
 
-    session = Session(cfg, world=detect(cfg))
+    world = detect(cfg)  # before the heavy imports: a bad world fails at once
+    from mlxft.training.session import Session
+
+    session = Session(cfg, world=world)
     if cfg.train:
         session.train()
     if cfg.test:

@@ -11,6 +11,7 @@ returns; `World.guard` bounds each call in any case.
 
 from __future__ import annotations
 
+import re
 import time
 
 import mlx.core as mx
@@ -36,7 +37,7 @@ class Collectives:
                 self.group = mx.distributed.init(strict=True, backend=world.transport)
             except (RuntimeError, ValueError) as err:
                 raise UserError(
-                    f"{world.label}: mx.distributed cannot start its {world.transport} backend "
+                    f"mx.distributed cannot start its {world.transport} backend "
                     f"({_first_line(err)}); start the run with mlx.launch"
                 ) from None
         if (self.group.rank(), self.group.size()) != (world.rank, world.size):
@@ -55,7 +56,7 @@ class Collectives:
                 mx.eval(out)
             except RuntimeError as err:
                 raise UserError(
-                    f"{self.world.label}: lost another rank during {what} ({_first_line(err)}): "
+                    f"lost another rank during {what} ({_first_line(err)}): "
                     "it died or was stopped (see its error); continue with --resume from the "
                     "last checkpoint"
                 ) from None
@@ -102,4 +103,7 @@ class Collectives:
 
 
 def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    """The engine's message, short: its first sentence, without a source-file location."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", text)
+    return text.split(". ")[0][:200]

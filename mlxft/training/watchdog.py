@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 
-from mlxft.errors import error_line
+from mlxft.errors import LEAVING, error_line
 
 EXIT_TIMEOUT = 2  # like a UserError: one `Error:` line
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -35,21 +35,20 @@ _POKE = b"\0"  # not a signal number: "the guarded wait changed"
 
 
 class Watchdog:
-    def __init__(self, timeout: float, label: str, exit_process=os._exit):
+    def __init__(self, timeout: float, hint: str = "", exit_process=os._exit):
         self.timeout = timeout
-        self.label = label
+        self.hint = hint  # what is known to hang on this transport
         self.where = "start-up"  # set by the training loop: `step 7`
         self._exit = exit_process
         self._lock = threading.Lock()
         self._what: str | None = None
         self._since = 0.0
-        self._dying = False
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_write.setblocking(False)
 
-    def start(self) -> Watchdog:
-        """Start the thread; from the main thread also route SIGTERM to it."""
-        if threading.current_thread() is threading.main_thread():
+    def start(self, signals: bool = True) -> Watchdog:
+        """Start the thread; with `signals` (from the main thread) also route SIGTERM to it."""
+        if signals and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda signum, frame: None)
             signal.set_wakeup_fd(self._wake_write.fileno(), warn_on_full_buffer=False)
         threading.Thread(target=self._run, name="mlxft-watchdog", daemon=True).start()
@@ -83,7 +82,7 @@ class Watchdog:
             if ready:
                 received = self._wake_read.recv(256)
                 if bytes([signal.SIGTERM]) in received:
-                    self.die(
+                    return self.die(
                         EXIT_TERMINATED,
                         f"stopped by SIGTERM at {self.where}: the launcher ends every rank when "
                         "one fails (see that rank's error); continue with --resume from the "
@@ -94,20 +93,22 @@ class Watchdog:
                 late = self._what and time.monotonic() - self._since >= self.timeout
                 what = self._what
             if late:
-                self.die(
+                hint = f" ({self.hint})" if self.hint else ""
+                return self.die(
                     EXIT_TIMEOUT,
-                    f"{self.label}: {what} at {self.where} did not finish within "
-                    f"distributed_timeout ({self.timeout:g} s): another rank died, hangs or is "
-                    "stopped (mlx's ring backend can hang in all_sum: ml-explore/mlx#4475); "
+                    f"{what} at {self.where} did not finish within distributed_timeout "
+                    f"({self.timeout:g} s): another rank died, hangs or is stopped{hint}; "
                     "continue with --resume from the last checkpoint",
                 )
 
     def die(self, code: int, message: str) -> None:
-        """One line on stderr, then leave at once (the main thread may be blocked for good)."""
-        with self._lock:
-            if self._dying:
-                return
-            self._dying = True
+        """One line on stderr, then leave at once (the main thread may be blocked for good).
+        When the main thread is already leaving with its own error, say nothing more: wait
+        (bounded) for its line, then leave with its status."""
+        if not LEAVING.claim("watchdog"):
+            LEAVING.said.wait(5.0)
+            self._exit(EXIT_TIMEOUT)
+            return
         with contextlib.suppress(Exception):
             sys.stdout.flush()
         with contextlib.suppress(Exception):

@@ -91,9 +91,24 @@ class World:
 
 # --------------------------------------------------------------------------- detection
 def detect(cfg) -> World:
-    """The world the launcher started this process in, checked against `cfg`.  Called once,
-    before any data or model loads; a distributed world gets its watchdog started here."""
-    env = flags.launcher_env()
+    """The world the launcher started this process in (`read_world`), with its watchdog
+    running when there is more than one rank.  Called once, before any data or model loads."""
+    world = read_world(cfg, flags.launcher_env())
+    if world.distributed:
+        from mlxft.training.watchdog import Watchdog
+
+        hint = (
+            "mlx's ring backend can hang in all_sum: ml-explore/mlx#4475"
+            if world.transport == "ring"
+            else ""
+        )
+        world.watchdog = Watchdog(world.timeout, hint).start()
+    return world
+
+
+def read_world(cfg, env: dict) -> World:
+    """The world described by the launcher variables `env`, checked against `cfg`: the
+    launcher must be the backend's own, and batch_size must divide by the world size."""
     mlx, torch = _mlx_world(env), _torch_world(env)
     ours, other = (mlx, torch) if cfg.backend == "mlx" else (torch, mlx)
     if ours is None and other is not None and other.size > 1:
@@ -114,10 +129,6 @@ def detect(cfg) -> World:
             f"batch; each process trains on batch_size / {ours.size} rows per step)",
             every_rank=True,
         )
-    if ours.distributed:
-        from mlxft.training.watchdog import Watchdog
-
-        ours.watchdog = Watchdog(ours.timeout, ours.label).start()
     return ours
 
 
@@ -236,3 +247,33 @@ def gather_states(world: World, backend, state: dict) -> list:
             offset += a.nbytes
         out.append(parts)
     return out
+
+
+# --------------------------------------------------------------------------- launching
+LAUNCHERS = {"mlx": "mlx.launch", "torch": "torchrun"}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the launchers' rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_command(backend: str, processes: int, command: list) -> list:
+    """`command` started as `processes` local ranks by `backend`'s own launcher (the one next
+    to this Python, else on PATH): what `mlxft bench --world-size` and the tests run."""
+    import shutil
+    import sys
+
+    name = LAUNCHERS[backend]
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if not found:
+        raise UserError(f"{name} is not installed: it comes with the {backend} package")
+    if backend == "mlx":  # ring over loopback; one port per rank from a free one
+        port = str(free_port())
+        return [found, "-n", str(processes), "--backend", "ring", "-p", port, "--", *command]
+    return [found, "--standalone", "--nproc-per-node", str(processes), "--no-python", *command]

@@ -286,14 +286,14 @@ def reference(tmp_path_factory, data, completions):
     return get
 
 
-def launch(backend, args, processes=2):
+def launch(backend, args, processes=2, **popen):
     """The real launcher from this venv, one thread per rank (2 cores, shared)."""
     if backend == "torch":
         pytest.importorskip("torch")
     command = launcher_command(backend, processes, [str(MLXFT), *[str(a) for a in args]])
     env = dict(os.environ, **ONE_THREAD)
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen
     )
 
 
@@ -438,6 +438,29 @@ def test_a_killed_rank_ends_the_other_and_resume_matches_one_process(
     assert error_lines(stderr) == [], stderr[-3000:]
     assert "Resuming from" in stdout
     assert_same_run(reference(backend, "plain"), out)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_after_the_same_step(data, tmp_path):
+    """Ctrl-C reaches the launcher and every rank (one process group, as in a terminal), and
+    torchrun forwards it once more: the ranks agree on the step (the vote rides on the step's
+    all-reduce), rank 0 saves a checkpoint there and says how to resume, all exit 130."""
+    out = tmp_path / "run"
+    proc = launch("torch", lora_args(data, out, "torch"), start_new_session=True)
+    wait_for_checkpoint(proc, out, SAVE_EVERY)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = finish(proc, timeout=120)
+    said = [line for line in stderr.splitlines() if line.startswith("Interrupted at step")]
+    assert len(said) == 1, stderr[-3000:]
+    step = int(said[0].split()[3].rstrip(":"))
+    assert SAVE_EVERY < step < ITERS and "--resume" in said[0]
+    assert (out / "checkpoints" / f"step-{step:07d}" / "trainer_state.json").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if "train_loss" in r) == step
+    assert stderr.count("Interrupt: finishing this step") == 1  # rank 0 speaks for the world
+    assert "mlxft/" not in stderr  # no traceback of ours (torchrun prints its own on SIGINT)
+    assert error_lines(stderr) == []
+    assert not (out / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow

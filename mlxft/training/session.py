@@ -251,7 +251,7 @@ class Session:
             )
             return loss
 
-        with guards.StopRequest() as stop:
+        with guards.StopRequest(self.world.distributed, speak=main) as stop:
             try:
                 if not self.checkpoint:
                     self.first_val_loss = evaluate(0)

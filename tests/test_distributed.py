@@ -412,10 +412,12 @@ def wait_for_checkpoint(proc, out: Path, step: int, timeout: float = 300.0) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend, victim", [("mlx", 0), ("torch", 1)])
+@pytest.mark.parametrize("backend, victim, resume_on", [("mlx", 0, 2), ("torch", 1, 1)])
 def test_a_killed_rank_ends_the_other_and_resume_matches_one_process(
-    backend, victim, data, reference, tmp_path
+    backend, victim, resume_on, data, reference, tmp_path
 ):
+    """Kill rank 0 (the writer) or rank 1 mid-run; resume on the same world (MLX) or on one
+    process (torch: the data position is global, so another world size continues the run)."""
     out = tmp_path / "run"
     args = lora_args(data, out, backend)
     proc = launch(backend, args)
@@ -433,8 +435,19 @@ def test_a_killed_rank_ends_the_other_and_resume_matches_one_process(
     assert lines[0].startswith(prefix) and "--resume" in lines[0], lines
     assert "lost another rank" in lines[0] or "stopped by SIGTERM" in lines[0], lines
     assert not (out / "adapter_model.safetensors").exists()
-    # --resume on the same world continues exactly
-    stdout, stderr = finish(launch(backend, [*args, "--resume"]))
+    if resume_on == 2:
+        stdout, stderr = finish(launch(backend, [*args, "--resume"]))
+    else:
+        done = subprocess.run(
+            [str(MLXFT), *map(str, args), "--resume"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=dict(os.environ, **ONE_THREAD),
+        )
+        stdout, stderr = done.stdout, done.stderr
+        assert done.returncode == 0, stderr[-3000:]
+        assert "checkpoint written by 2 process(es), resumed on 1" in stdout
     assert error_lines(stderr) == [], stderr[-3000:]
     assert "Resuming from" in stdout
     assert_same_run(reference(backend, "plain"), out)

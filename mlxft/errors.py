@@ -7,12 +7,14 @@ command never has to import the CLI module to get them.
 In a data-parallel run (`mlxft.training.world`) every rank is a process of its own: rank 0
 prints its errors as above, any other rank prefixes `rank N:`, and an error that every rank
 raises alike (`every_rank`: it follows from the shared command line or from values the ranks
-agreed on) is printed by rank 0 alone.
+agreed on) is printed by rank 0 alone; the other ranks leave quietly with status 0, since the
+launchers terminate every rank as soon as one exits non-zero, which could cut rank 0 short.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import threading
 
@@ -25,6 +27,14 @@ class UserError(Exception):
     def __init__(self, message: str = "", *, every_rank: bool = False):
         super().__init__(message)
         self.every_rank = every_rank
+
+
+def engine_message(err: BaseException) -> str:
+    """A tensor engine's error, short enough for one line: its first sentence, without the
+    source-file location gloo and MLX put in front (`[…/pair.cc:537] Read error …`)."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", text)
+    return text.split(". ")[0][:200]
 
 
 def error_line(message: str) -> str:
@@ -64,7 +74,11 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            if LEAVING.claim("main") and not (err.every_rank and flags.launch_rank()):
+            if err.every_rank and flags.launch_rank():
+                # rank 0 says it; a non-zero status here would make the launcher (mlx.launch,
+                # torchrun) terminate rank 0 before it could
+                sys.exit(0)
+            if LEAVING.claim("main"):
                 click.echo(error_line(str(err)), err=True)
             LEAVING.said.set()
             sys.exit(2)

@@ -105,11 +105,26 @@ def test_error_lines_name_the_rank_and_shared_errors_print_once(monkeypatch, cap
         raise UserError("bad thing", every_rank=every_rank)
 
     monkeypatch.setenv("MLX_RANK", "1")
-    for every_rank, expected in ((False, "Error: rank 1: bad thing\n"), (True, "")):
+    # an error every rank meets: rank 0 says it; rank 1 leaves with 0, or the launcher would
+    # terminate rank 0 before it printed
+    for every_rank, expected, code in ((False, "Error: rank 1: bad thing\n", 2), (True, "", 0)):
         monkeypatch.setattr("mlxft.errors.LEAVING", _Leaving())
         with pytest.raises(SystemExit) as exit_:
             fail(every_rank)
-        assert exit_.value.code == 2 and capsys.readouterr().err == expected
+        assert exit_.value.code == code and capsys.readouterr().err == expected
+
+
+def test_an_engine_error_is_cut_to_its_first_sentence():
+    from mlxft.errors import engine_message
+
+    gloo = RuntimeError(
+        "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+        "[127.0.0.1]:25260: Connection reset by peer. This is typically caused by a remote "
+        "worker hanging.\nmore"
+    )
+    assert engine_message(gloo) == "Read error [127.0.0.1]:25260: Connection reset by peer"
+    ring = RuntimeError("[ring] connection to a peer was lost")
+    assert engine_message(ring) == "[ring] connection to a peer was lost"
 
 
 # --------------------------------------------------------------------------- watchdog

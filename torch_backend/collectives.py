@@ -11,7 +11,6 @@ collective, where DDP's buckets would be several.
 
 from __future__ import annotations
 
-import re
 import time
 from datetime import timedelta
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mlxft.errors import UserError
+from mlxft.errors import UserError, engine_message
 
 # torch's own timeout is a backstop a little behind the world's watchdog, whose message is ours
 BACKSTOP_SECONDS = 5.0
@@ -50,7 +49,7 @@ class Collectives:
             except (RuntimeError, ValueError) as err:
                 raise UserError(
                     f"torch.distributed cannot connect the ranks "
-                    f"({_first_line(err)}); start the run with torchrun"
+                    f"({engine_message(err)}); start the run with torchrun"
                 ) from None
 
     def _run(self, what: str, fn) -> None:
@@ -63,7 +62,7 @@ class Collectives:
                     torch.cuda.synchronize(self.device)
             except RuntimeError as err:
                 raise UserError(
-                    f"lost another rank during {what} ({_first_line(err)}): "
+                    f"lost another rank during {what} ({engine_message(err)}): "
                     "it died or was stopped (see its error); continue with --resume from the "
                     "last checkpoint"
                 ) from None
@@ -97,10 +96,3 @@ class Collectives:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _first_line(err: BaseException) -> str:
-    """The engine's message, short: its first sentence, without a source-file location."""
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", text)
-    return text.split(". ")[0][:200]

@@ -11,14 +11,13 @@ returns; `World.guard` bounds each call in any case.
 
 from __future__ import annotations
 
-import re
 import time
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxft.errors import UserError
+from mlxft.errors import UserError, engine_message
 
 CHUNK = 1 << 26  # float32 elements per all_sum call (256 MB): bounds the extra buffer's memory
 
@@ -38,7 +37,7 @@ class Collectives:
             except (RuntimeError, ValueError) as err:
                 raise UserError(
                     f"mx.distributed cannot start its {world.transport} backend "
-                    f"({_first_line(err)}); start the run with mlx.launch"
+                    f"({engine_message(err)}); start the run with mlx.launch"
                 ) from None
         if (self.group.rank(), self.group.size()) != (world.rank, world.size):
             raise UserError(
@@ -56,7 +55,7 @@ class Collectives:
                 mx.eval(out)
             except RuntimeError as err:
                 raise UserError(
-                    f"lost another rank during {what} ({_first_line(err)}): "
+                    f"lost another rank during {what} ({engine_message(err)}): "
                     "it died or was stopped (see its error); continue with --resume from the "
                     "last checkpoint"
                 ) from None
@@ -100,10 +99,3 @@ class Collectives:
         )
         rows = np.array(out, dtype=np.uint8)
         return rows.view(values.dtype).reshape((self.world.size, *values.shape))
-
-
-def _first_line(err: BaseException) -> str:
-    """The engine's message, short: its first sentence, without a source-file location."""
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", text)
-    return text.split(". ")[0][:200]

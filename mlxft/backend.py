@@ -23,11 +23,14 @@ weights cross the contract as numpy (`mlxft.model_dir.Tensor`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
 from mlxft import flags
+
+if TYPE_CHECKING:
+    from mlxft.training.world import World
 
 # A few token ids every vocabulary has: enough positions to tell `head(body(x))` from a model
 # that scales or soft-caps its logits.
@@ -51,7 +54,7 @@ class Backend(Protocol):
     """'mlx' or 'torch': the config's `backend` value, and what checkpoints record."""
     training_notes: list
     """Header lines `setup_training` leaves for the run report (fast paths taken, allocator)."""
-    world: object
+    world: World
     """The run's `mlxft.training.world.World`, given at construction (one process: rank 0 of 1);
     a distributed world is connected by the constructor."""
     comm_seconds: float

@@ -11,18 +11,26 @@ contract, so they are stated once:
 - `head_note`: how the run header describes where the head runs.
 
 Backends satisfy `Backend` structurally (no inheritance); `mlxft.backends.get_backend` picks
-one for a config.  Batches are `mlxft.data.Batch` (numpy); learning rates come from
-`mlxft.training.schedule`; weights cross the contract as numpy (`mlxft.model_dir.Tensor`).
+one for a config and hands it the run's `mlxft.training.world.World`.  In a data-parallel run
+each process holds one backend that trains on its rank's share of every batch; the backend
+connects the ranks and does every collective, so `train_step` and `eval_loss` return sums over
+the whole world and the loop above stays the same for one process or many.
+
+Batches are `mlxft.data.Batch` (numpy); learning rates come from `mlxft.training.schedule`;
+weights cross the contract as numpy (`mlxft.model_dir.Tensor`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
 from mlxft import flags
+
+if TYPE_CHECKING:
+    from mlxft.training.world import World
 
 # A few token ids every vocabulary has: enough positions to tell `head(body(x))` from a model
 # that scales or soft-caps its logits.
@@ -30,7 +38,8 @@ HEAD_PROBE = np.arange(1, 9, dtype=np.int64)[None]
 
 
 class StepResult(NamedTuple):
-    """What one optimizer step reports (`Backend.train_step`)."""
+    """What one optimizer step reports (`Backend.train_step`): sums over every rank's share of
+    the group in a data-parallel run."""
 
     loss_sum: float
     """Sum of token losses over the group, computed with the weights *before* the update."""
@@ -38,10 +47,12 @@ class StepResult(NamedTuple):
     """Trained (target) tokens in the group."""
     grad_norm: float
     """Global gradient norm before clipping."""
-    weights_finite: bool
+    weights_finite: bool = True
     """Whether the *updated* trainable weights and optimizer state are usable: every optimizer
     value finite and the weights' float32 sum of squares finite (so no NaN/inf, and no weight
     beyond ~1.8e19, whose square overflows: no model computes with such a weight)."""
+    stop: bool = False
+    """Some rank asked to stop after this step (Ctrl-C): all ranks stop here."""
 
 
 @runtime_checkable
@@ -52,6 +63,11 @@ class Backend(Protocol):
     """'mlx' or 'torch': the config's `backend` value, and what checkpoints record."""
     training_notes: list
     """Header lines `setup_training` leaves for the run report (fast paths taken, allocator)."""
+    world: World
+    """The run's `mlxft.training.world.World`, given at construction (one process: rank 0 of 1);
+    a distributed world is connected by the constructor."""
+    comm_seconds: float
+    """Seconds spent in collectives since construction, waiting for slower ranks included."""
 
     @property
     def device(self) -> str:
@@ -100,12 +116,16 @@ class Backend(Protocol):
     def setup_training(self, cfg) -> None:
         """Optimizer, checkpointing and the step for `cfg`; fills `training_notes`."""
 
-    def train_step(self, batches: list, lr: float) -> StepResult:
-        """One optimizer step over a grad-accumulation group at learning rate `lr`, with a
-        fused on-device check of the updated weights and optimizer state (`StepResult`)."""
+    def train_step(self, batches: list, lr: float, stop: bool = False) -> StepResult:
+        """One optimizer step over this rank's shares of a grad-accumulation group at `lr`:
+        gradients summed over every rank's tokens, divided by the world's trained tokens, with
+        a fused on-device check of the updated weights and optimizer state (`StepResult`)."""
 
     def eval_loss(self, batches: list) -> tuple:
-        """(sum of token losses, trained tokens) over `batches`, dropout off, no update."""
+        """(sum of token losses, trained tokens) over every rank's `batches`, no update."""
+
+    def all_gather(self, values: np.ndarray) -> np.ndarray:
+        """Every rank's `values` (same shape and dtype on each) stacked as (world size, ...)."""
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """float32 logits (B, T, vocab) for a (B, T) batch, dropout off."""

@@ -9,11 +9,13 @@ from mlxft.backend import Backend
 from mlxft.errors import UserError
 
 
-def get_backend(cfg) -> Backend:
+def get_backend(cfg, world=None) -> Backend:
+    """The backend `cfg` asks for, connected to `world` (`mlxft.training.world.World`; None:
+    a single process)."""
     if cfg.backend == "mlx":
         from mlxft.mlx_backend import MLXBackend
 
-        return MLXBackend(cfg)
+        return MLXBackend(cfg, world)
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -22,4 +24,4 @@ def get_backend(cfg) -> Backend:
         from mlxft.torch_backend import TorchBackend
     except ImportError as err:
         raise UserError(f"backend 'torch' is unavailable: {err}") from None
-    return TorchBackend(cfg)
+    return TorchBackend(cfg, world)

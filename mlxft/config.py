@@ -151,6 +151,9 @@ class Config:
     """Continue from this checkpoint directory."""
     seed: int = 0
     """Seed for adapter init, batch order and dropout."""
+    # --- data parallelism (mlx.launch / torchrun; mlxft.training.world)
+    distributed_timeout: float = 600.0
+    """Seconds a rank waits in a collective for the others before it stops with an error."""
 
     # --- derived views (backend code reads these, never the raw dicts)
     @property
@@ -658,6 +661,11 @@ def _validate(cfg: Config, where_of) -> None:
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "keep_checkpoints must be at least 1")
     need(
         cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", "grad_clip must be > 0 (or unset)"
+    )
+    need(
+        cfg.distributed_timeout > 0,
+        "distributed_timeout",
+        f"distributed_timeout must be > 0 seconds, got {cfg.distributed_timeout}",
     )
     need(
         cfg.quantize in (None, 4, 8),

@@ -13,6 +13,18 @@ so a test or a benchmark can set a switch for one run.
 | `MLXFT_HEAD_ROWS` | `0` | run the output head on every position, not only trained ones |
 | `MLXFT_CPU_MATMUL` | `mkl` / `onednn` | torch on the CPU: force the library for frozen matmuls |
 | `HF_HUB_OFFLINE` | `1` | Hugging Face's own switch: use the local cache, never the network |
+
+Launchers describe a data-parallel world in their own variables; mlxft only reads them
+(`launcher_env`, interpreted by `mlxft.training.world`):
+
+| variable | set by | meaning |
+| --- | --- | --- |
+| `MLX_RANK` | `mlx.launch` | this process's rank (ring, JACCL, NCCL) |
+| `MLX_HOSTFILE` | `mlx.launch --backend ring` | a JSON file: one list of `ip:port` per rank |
+| `MLX_IBV_DEVICES` | `mlx.launch --backend jaccl` | a JSON file: one row of RDMA devices per rank |
+| `MLX_WORLD_SIZE` | `mlx.launch --backend nccl` | the number of ranks |
+| `OMPI_COMM_WORLD_RANK`, `_SIZE` | `mpirun` (`mlx.launch --backend mpi`) | rank, size |
+| `RANK`, `WORLD_SIZE`, `LOCAL_RANK` | `torchrun` | rank, size, rank on this machine |
 """
 
 from __future__ import annotations
@@ -62,3 +74,32 @@ def cpu_matmul() -> str | None:
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE: huggingface_hub's switch, read the same way for our own messages."""
     return _value("HF_HUB_OFFLINE") in _ON
+
+
+# The launchers' variables, in the order `mlxft.training.world` consults them.
+LAUNCHER_VARIABLES = (
+    "MLX_RANK",
+    "MLX_HOSTFILE",
+    "MLX_IBV_DEVICES",
+    "MLX_WORLD_SIZE",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+)
+
+
+def launcher_env() -> dict:
+    """{variable: value} of the launcher variables that are set (empty for a plain run)."""
+    return {k: os.environ[k] for k in LAUNCHER_VARIABLES if k in os.environ}
+
+
+def launch_rank() -> int:
+    """This process's rank as its launcher set it (0 in a plain run); for message prefixes,
+    before the world is checked (`mlxft.training.world.detect` checks it)."""
+    for name in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "RANK"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0

@@ -124,6 +124,7 @@ class Case:
     args: Callable  # Env -> CLI args
     expect: tuple  # substrings of the one error line
     writes_to: str = "out"  # which directory must stay untouched: out (must not appear) or adapter
+    env: Callable | None = None  # Env -> extra environment (a launcher's variables)
 
 
 # a well-formed safetensors file holding one small tensor: a model whose weights pass the checks
@@ -893,6 +894,27 @@ CASES = [
         ),
         ("trainer_state.safetensors: checkpoint state file is not in safetensors format",),
     ),
+    # ---------------------------------------------------------------- data parallel
+    Case(
+        "world-batch-not-divisible",
+        lambda e: e.train("--batch-size", "3"),
+        ("batch_size 3 does not divide evenly over the 2 processes mlx.launch started",),
+        env=lambda e: {
+            "MLX_RANK": "0",
+            "MLX_HOSTFILE": str(e.file("hosts.json", '[["127.0.0.1:1"], ["127.0.0.1:2"]]')),
+        },
+    ),
+    Case(
+        "world-wrong-launcher",
+        lambda e: e.train(),
+        ("started by torchrun with 2 processes, but backend is mlx", "--backend torch"),
+        env=lambda e: {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+    ),
+    Case(
+        "distributed-timeout-not-positive",
+        lambda e: e.train("--distributed-timeout", "0"),
+        ("distributed_timeout must be > 0 seconds",),
+    ),
 ]
 
 
@@ -947,8 +969,8 @@ def snapshot(folder: Path) -> dict:
     }
 
 
-def invoke(args) -> tuple:
-    result = CliRunner().invoke(main, [str(a) for a in args])
+def invoke(args, env=None) -> tuple:
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
     return result, [line for line in result.stderr.splitlines() if line.strip()]
 
 
@@ -957,7 +979,7 @@ def test_bad_input_is_one_clear_line(case, env):
     env.tmp.mkdir()
     args = case.args(env)
     before = snapshot(env.adapter)
-    result, lines = invoke(args)
+    result, lines = invoke(args, case.env(env) if case.env else None)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(

@@ -78,9 +78,9 @@ def test_injected_nan_discards_the_checkpoint_it_condemns(
     real = MLXBackend.train_step
     calls = {"n": 0}
 
-    def poisoned(self, batches, lr):
+    def poisoned(self, batches, lr, stop=False):
         calls["n"] += 1
-        result = real(self, batches, lr)
+        result = real(self, batches, lr, stop)
         return result._replace(loss_sum=math.nan) if calls["n"] == 5 else result
 
     monkeypatch.setattr(MLXBackend, "train_step", poisoned)
@@ -99,7 +99,7 @@ def test_injected_nan_discards_the_checkpoint_it_condemns(
 
 
 def test_out_of_memory_is_explained_with_knobs(stories, wikisql_small, tmp_path, monkeypatch):
-    def oom(self, batches, lr):
+    def oom(self, batches, lr, stop=False):
         raise RuntimeError(
             "[metal::malloc] Attempting to allocate 68719476736 bytes which is greater than the "
             "maximum allowed buffer size of 28991029248 bytes."
@@ -122,7 +122,7 @@ def test_out_of_memory_is_explained_with_knobs(stories, wikisql_small, tmp_path,
 
 
 def test_other_runtime_errors_are_not_disguised(stories, wikisql_small, tmp_path, monkeypatch):
-    def broken(self, batches, lr):
+    def broken(self, batches, lr, stop=False):
         raise RuntimeError("shape mismatch in matmul")
 
     monkeypatch.setattr(MLXBackend, "train_step", broken)
@@ -254,7 +254,9 @@ def test_weights_that_poison_the_next_loss_lose_their_checkpoint(
     cls = backend_class(backend)
     real = cls.train_step
     monkeypatch.setattr(
-        cls, "train_step", lambda self, b, lr: real(self, b, lr)._replace(weights_finite=True)
+        cls,
+        "train_step",
+        lambda self, b, lr, stop=False: real(self, b, lr, stop)._replace(weights_finite=True),
     )
     out = tmp_path / "out"
     result = issue_run(stories, wikisql_file(tmp_path), out, backend, "4")
@@ -274,7 +276,7 @@ def test_final_validation_guards_the_adapter(stories, tmp_path, monkeypatch):
     monkeypatch.setattr(
         MLXBackend,
         "train_step",
-        lambda self, b, lr: real(self, b, lr)._replace(weights_finite=True),
+        lambda self, b, lr, stop=False: real(self, b, lr, stop)._replace(weights_finite=True),
     )
     out = tmp_path / "out"
     line = one_error_line(issue_run(stories, wikisql_file(tmp_path), out, "mlx", "1"))

@@ -43,6 +43,7 @@ from mlxft.torch_backend.dora import DoRALinear
 from mlxft.torch_backend.generate import BatchKVGeneration, KVGeneration
 from mlxft.torch_backend.lora import LoRALinear
 from mlxft.torch_backend.optim import load_optimizer_state, make_optimizer, optimizer_state
+from mlxft.training.world import World
 
 
 def to_numpy(t: torch.Tensor):
@@ -117,10 +118,14 @@ def load_hf_model(model_path: Path, dtype: torch.dtype, trust_remote_code: bool)
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, world: World | None = None):
         self.cfg = cfg
+        self.world = world or World()
         self.training_notes = []
         self._device = pick_device(cfg.device)
+        self._comm = None
+        if self.world.distributed:
+            self._connect()
         self._dtype = None
         self.model = None
         self.optimizer = None
@@ -132,6 +137,23 @@ class TorchBackend:
         self._generation = None
         self._mode_before_generation = None  # the training flag, restored by end_generation
         self._split = None  # (body, head) when the output head can run on trained positions only
+
+    def _connect(self) -> None:
+        """torchrun's world: one GPU per process on CUDA (LOCAL_RANK), then the group."""
+        import atexit
+
+        from mlxft.torch_backend.collectives import Collectives
+
+        if self._device.type == "cuda" and self._device.index is None:
+            self._device = torch.device("cuda", self.world.local_rank)
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)
+        self._comm = Collectives(self.world, self._device)
+        atexit.register(self._comm.close)
+
+    @property
+    def comm_seconds(self) -> float:
+        return self._comm.seconds if self._comm else 0.0
 
     # ---------------------------------------------------------------- load
     @property
@@ -292,7 +314,7 @@ class TorchBackend:
 
     # ---------------------------------------------------------------- training
     def setup_training(self, cfg) -> None:
-        torch.manual_seed(cfg.seed)  # LoRA dropout masks
+        torch.manual_seed(self.world.dropout_seed(cfg.seed))  # LoRA dropout masks, per rank
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(cfg, params)
         self._clip = cfg.grad_clip
@@ -304,7 +326,7 @@ class TorchBackend:
             from mlxft.torch_backend.cpu_matmul import use_onednn
 
             self.training_notes.insert(0, f"allocator: {malloc.tune()}")
-            rows = cfg.batch_size * cfg.max_seq_length
+            rows = cfg.batch_size // self.world.size * cfg.max_seq_length  # this rank's share
             self.training_notes.insert(1, f"CPU matmuls: {use_onednn(self.model, rows)}")
         if cfg.grad_checkpoint:
             self._enable_checkpointing(cfg)
@@ -371,8 +393,10 @@ class TorchBackend:
         losses = F.cross_entropy(logits.float(), targets, reduction="none")
         return (losses * mask).sum()
 
-    def train_step(self, batches: list, lr: float) -> StepResult:
-        """One optimizer step over the grad-accumulation group."""
+    def train_step(self, batches: list, lr: float, stop: bool = False) -> StepResult:
+        """One optimizer step over this rank's shares of the grad-accumulation group; in a
+        distributed world gradients, loss sums and token counts are summed over the ranks
+        (`Collectives.step`) before they are divided by the world's trained tokens."""
         self._set_training(True)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -380,10 +404,14 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
         total, count = torch.zeros((), device=self._device), 0
         for batch in batches:
+            if not len(batch.lengths):  # an epoch's short last batch left this rank no row
+                continue
             loss = self._loss_sum(batch)
             loss.backward()
             total += loss.detach()
             count += int(batch.mask.sum())
+        if self._comm:
+            total, count, stop = self._comm.step(params, total, count, stop)
         for p in params:
             if p.grad is not None:
                 p.grad.div_(max(count, 1))
@@ -391,7 +419,7 @@ class TorchBackend:
         self.optimizer.step()
         self._steps += 1
         usable = self._usable(params)
-        return StepResult(total.item(), count, norm.item(), bool(usable.item()))
+        return StepResult(total.item(), count, norm.item(), bool(usable.item()), stop)
 
     @torch.no_grad()
     def _usable(self, params: list) -> torch.Tensor:
@@ -405,15 +433,26 @@ class TorchBackend:
                     ok &= torch.isfinite(value).all()
         return ok
 
+    def all_gather(self, values: np.ndarray) -> np.ndarray:
+        if self._comm is None:
+            return np.asarray(values)[None]
+        return self._comm.all_gather(values)
+
     @torch.no_grad()
     def eval_loss(self, batches: list) -> tuple:
-        """(sum of token losses, token count) over `batches`, dropout off."""
+        """(sum of token losses, token count) over `batches`, dropout off; in a distributed
+        world summed over every rank's batches."""
         self._set_training(False)
         total, count = 0.0, 0
         for batch in batches:
+            if not len(batch.lengths):
+                continue
             total += self._loss_sum(batch).item()
             count += int(batch.mask.sum())
-        return total, count
+        if self._comm is None:
+            return total, count
+        rows = self._comm.all_gather(np.array([total, count], dtype=np.float64))
+        return float(rows[:, 0].sum()), int(rows[:, 1].sum())
 
     @torch.no_grad()
     def logits(self, input_ids: np.ndarray) -> np.ndarray:

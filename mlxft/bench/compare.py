@@ -12,6 +12,12 @@ so the figures compare like with like:
 - peak memory: the backend's own accounting (MLX's allocator, torch's device counters) and the
   process's peak RSS (everything: framework, weights, Python), each process measured alone;
 - loss: first and last step loss, and the per-step difference between backends.
+
+With `--world-size N` each backend also runs the same work data-parallel on N local processes
+under its own launcher (`mlx.launch`, `torchrun`): the same global batches, so the same losses,
+with the share of each step spent in the all-reduce (waiting for the slower rank included).
+On one machine the ranks share its cores, so this measures what splitting a batch costs, not
+a speed-up; the report says so.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 from mlxft.errors import UserError
 
 BACKENDS = ("mlx", "torch")
+LAUNCH_NAMES = {"mlx": "mlx.launch, ring over loopback", "torch": "torchrun, gloo"}
 DEFAULT_STEPS = 20  # not the config's iters: a benchmark needs steady-state steps, not a whole run
 
 
@@ -63,17 +70,30 @@ def parse_backends(text: str | None) -> list[str]:
     return names
 
 
-def run_worker(spec: dict, timeout: float | None = None) -> dict:
-    """One backend in a fresh Python process; its JSON result (or a UserError with its reason)."""
+def world_env(processes: int) -> dict:
+    """The environment for `processes` ranks on this machine: its cores split between them
+    (each rank's BLAS and OpenMP threads), unless the caller chose already."""
+    env = dict(os.environ)
+    threads = str(max(1, (os.cpu_count() or 1) // processes))
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env.setdefault(name, threads)
+    return env
+
+
+def run_worker(spec: dict, timeout: float | None = None, processes: int = 1) -> dict:
+    """One backend in a fresh Python process (or `processes` ranks under its launcher); its
+    JSON result (or a UserError with its reason)."""
+    from mlxft.training.world import launcher_command
+
     with tempfile.TemporaryDirectory(prefix="mlxft-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run(
-            [sys.executable, "-m", "mlxft.bench.worker", str(spec_path), str(out_path)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        command = [sys.executable, "-m", "mlxft.bench.worker", str(spec_path), str(out_path)]
+        env = None
+        if processes > 1:
+            command = launcher_command(spec["backend"], processes, command)
+            env = world_env(processes)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
         if out_path.exists():
             result = json.loads(out_path.read_text())
         else:
@@ -88,6 +108,7 @@ def summarize(raw: dict, warmup: int) -> dict:
     """Steady-state figures from one worker's per-step record."""
     seconds = np.asarray(raw["seconds"][warmup:])
     tokens = np.asarray(raw["tokens"][warmup:])
+    comm = np.asarray(raw.get("comm_seconds", [0.0] * len(raw["seconds"]))[warmup:])
     out = {
         k: raw[k]
         for k in (
@@ -106,6 +127,8 @@ def summarize(raw: dict, warmup: int) -> dict:
     if "blas" in raw:
         out["blas"] = raw["blas"]
     out.update(
+        processes=raw.get("processes", 1),
+        allreduce_share=float(comm.sum() / seconds.sum()),
         tokens_per_second=float(tokens.sum() / seconds.sum()),
         step_time={
             "median": float(np.median(seconds)),
@@ -167,7 +190,7 @@ def settings_of(cfg) -> dict:
 
 def table(report: dict) -> list[str]:
     header = (
-        f"{'backend':<8}{'device':<8}{'dtype':<10}{'tok/s':>9}{'step ms (p10-p90)':>22}"
+        f"{'backend':<10}{'device':<8}{'dtype':<10}{'tok/s':>9}{'step ms (p10-p90)':>22}"
         f"{'peak GB':>9}{'RSS GB':>8}{'loss first':>11}{'last':>8}"
     )
     lines = [header, "-" * len(header)]
@@ -175,8 +198,9 @@ def table(report: dict) -> list[str]:
         st = r["step_time"]
         spread = f"{1e3 * st['median']:.0f} ({1e3 * st['p10']:.0f}-{1e3 * st['p90']:.0f})"
         lines.append(
-            f"{name:<8}{r['device']:<8}{r['dtype']:<10}{r['tokens_per_second']:>9.0f}{spread:>22}"
-            f"{r['peak_memory_gb']:>9.3f}{r['peak_rss_gb']:>8.2f}{r['first_loss']:>11.4f}{r['last_loss']:>8.4f}"
+            f"{name:<10}{r['device']:<8}{r['dtype']:<10}{r['tokens_per_second']:>9.0f}{spread:>22}"
+            f"{r['peak_memory_gb']:>9.3f}{r['peak_rss_gb']:>8.2f}{r['first_loss']:>11.4f}"
+            f"{r['last_loss']:>8.4f}"
         )
     for pair, d in (report.get("loss_difference") or {}).items():
         lines.append(
@@ -184,14 +208,41 @@ def table(report: dict) -> list[str]:
             f"max |diff| over {len(next(iter(report['backends'].values()))['losses'])} steps "
             f"{d['max_abs']:.2e}"
         )
-    if len(report["backends"]) >= 2:
-        rates = {n: r["tokens_per_second"] for n, r in report["backends"].items()}
+    singles = {n: r for n, r in report["backends"].items() if r.get("processes", 1) == 1}
+    if len(singles) >= 2:
+        rates = {n: r["tokens_per_second"] for n, r in singles.items()}
         first = next(iter(rates))
         for name in list(rates)[1:]:
             lines.append(f"throughput {name}/{first}: {rates[name] / rates[first]:.2f}x")
+    lines += world_lines(report)
     for name, r in report["backends"].items():
         if r.get("blas"):
             lines.append(f"{name} BLAS: {r['blas']}")
+    return lines
+
+
+def world_lines(report: dict) -> list[str]:
+    """Data-parallel runs against their single-process run, and what the numbers mean here."""
+    lines = []
+    for name, r in report["backends"].items():
+        n = r.get("processes", 1)
+        if n == 1:
+            continue
+        single = report["backends"][r["backend"]]
+        lines.append(
+            f"data parallel {name}/{r['backend']}: "
+            f"{r['tokens_per_second'] / single['tokens_per_second']:.2f}x tokens/s (the world's "
+            f"total), all-reduce {100 * r['allreduce_share']:.1f}% of the step on rank 0 "
+            "(waiting for the slower rank included)"
+        )
+    if len(lines):
+        cpus = report["machine"]["cpus"]
+        lines.append(
+            f"note: all {report['world_size']} processes ran on this one machine ({cpus} CPU "
+            "cores, split between them): this shows what splitting the batch and the all-reduce "
+            "cost, not a speed-up; speed-ups need more machines or GPUs (README: More than one "
+            "machine)"
+        )
     return lines
 
 
@@ -239,6 +290,7 @@ def bench(
     warmup: int,
     overrides: dict | None = None,
     echo=click.echo,
+    world_size: int = 1,
 ) -> dict:
     """Run every backend in turn and return the report (also what --json writes)."""
     from mlxft.config import build_config
@@ -255,16 +307,27 @@ def bench(
             f"{cfg.model}: the benchmark model is not built yet; run: python "
             f"benchmarks/make_bench_model.py"
         )
+    if world_size > 1 and cfg.batch_size % world_size:
+        raise UserError(
+            f"--world-size {world_size}: batch_size {cfg.batch_size} does not divide evenly over "
+            f"{world_size} processes; use a batch_size that is a multiple of {world_size}"
+        )
     results = {}
     for name in backends:
         echo(f"[{name}] {steps} steps ({warmup} warm-up) in a fresh process ...")
         spec = {"config": config, "overrides": overrides, "backend": name, "steps": steps}
         results[name] = summarize(run_worker(spec), warmup)
+        if world_size > 1:
+            echo(f"[{name}] the same steps on {world_size} processes ({LAUNCH_NAMES[name]}) ...")
+            results[f"{name} x{world_size}"] = summarize(
+                run_worker(spec, processes=world_size), warmup
+            )
     return {
         "config": config,
         "settings": settings_of(cfg),
         "steps": steps,
         "warmup": warmup,
+        "world_size": world_size,
         "machine": {
             "platform": platform.platform(),
             "machine": platform.machine(),

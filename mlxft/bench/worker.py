@@ -9,6 +9,10 @@ data and adapters; the steps are the trainer's own (`Session.steps`: its batch s
 schedule's learning rate, the backend's `train_step`), so both backends see identical
 batches from identical LoRA weights.  Validation and file writing are left out: only steps
 are timed.
+
+Under `mlx.launch` or `torchrun` (`mlxft bench --world-size N`) every rank runs this worker on
+its share of each batch; rank 0 writes the result: its step times, the world's token counts,
+and the seconds its steps spent in the all-reduce.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ def run(spec: dict) -> dict:
     from mlxft.config import build_config
     from mlxft.training.checkpoint import Position
     from mlxft.training.session import Session
+    from mlxft.training.world import detect
 
     overrides = dict(spec.get("overrides") or {})
     with tempfile.TemporaryDirectory(prefix="mlxft-bench-") as scratch:
@@ -70,15 +75,17 @@ def run(spec: dict) -> dict:
             resume_adapter_file=None,
         )
         cfg = build_config(spec.get("config"), overrides)
+        world = detect(cfg)  # under mlx.launch / torchrun: this rank's place
         tic = time.perf_counter()
-        session = Session(cfg, reporter_quiet=True)
+        session = Session(cfg, reporter_quiet=True, world=world)
         load_seconds = time.perf_counter() - tic
         backend = session.backend
         backend.setup_training(cfg)
         backend.reset_peak_memory()
-        steps = {"seconds": [], "loss": [], "tokens": [], "positions": []}
+        steps = {"seconds": [], "comm_seconds": [], "loss": [], "tokens": [], "positions": []}
         for step in session.steps(Position(), cfg.iters):
             steps["seconds"].append(step.seconds)
+            steps["comm_seconds"].append(step.comm_seconds)
             steps["loss"].append(step.loss)
             steps["tokens"].append(int(step.tokens))
             steps["positions"].append(int(step.positions))
@@ -93,6 +100,8 @@ def run(spec: dict) -> dict:
             "trainable_parameters": trainable,
             "total_parameters": total,
             "num_blocks": backend.num_blocks(),
+            "processes": world.size,
+            "is_main": world.is_main,
             "versions": _versions(backend.name),
             **steps,
         }
@@ -118,7 +127,8 @@ def main(argv=None) -> int:
     except Exception as err:  # a crash in one backend must still leave a readable record
         traceback.print_exc()
         result, code = {"error": f"{type(err).__name__}: {err}"}, 1
-    out_path.write_text(json.dumps(result))
+    if result.get("is_main", True):  # in a data-parallel run rank 0 reports (sums are global)
+        out_path.write_text(json.dumps(result))
     return code
 
 

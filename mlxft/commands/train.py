@@ -142,6 +142,12 @@ def _lora_overrides(kw: dict) -> dict:
 )
 @click.option("--seed", type=int)
 @click.option(
+    "--distributed-timeout",
+    type=float,
+    help="mlx.launch / torchrun: seconds a rank waits for the others in a collective "
+    "(default 600).",
+)
+@click.option(
     "--quantize", type=click.Choice(["4", "8"]), help="QLoRA: quantize the base model on load."
 )
 @click.option(
@@ -162,7 +168,11 @@ def lora(**kw):
     overrides, lora_params = _lora_overrides(kw)
     if plan_only:
         overrides["train"] = True  # plan the training run the other flags describe
-    cfg = build_config(kw["config"], overrides, lora_params)
+    try:
+        cfg = build_config(kw["config"], overrides, lora_params)
+    except UserError as err:  # the command line is every rank's: rank 0 alone says what is wrong
+        err.every_rank = True
+        raise
     if plan_only:
         from mlxft.training.planner import dry_run
 
@@ -170,10 +180,13 @@ def lora(**kw):
             click.echo(line)
         return
     if not (cfg.train or cfg.test):
-        raise UserError("nothing to do: pass --train and/or --test")
+        raise UserError("nothing to do: pass --train and/or --test", every_rank=True)
+    from mlxft.training.world import detect
+
+    world = detect(cfg)  # before the heavy imports: a bad world fails at once
     from mlxft.training.session import Session
 
-    session = Session(cfg)
+    session = Session(cfg, world=world)
     if cfg.train:
         session.train()
     if cfg.test:

@@ -15,6 +15,7 @@ from mlxft.data.batching import (
     head_rows,
     make_batch,
     padding_fraction,
+    share,
 )
 from mlxft.data.loader import Split, load_splits, pad_token_id
 
@@ -28,4 +29,5 @@ __all__ = [
     "pad_token_id",
     "make_batch",
     "head_rows",
+    "share",
 ]

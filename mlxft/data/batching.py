@@ -43,6 +43,36 @@ def make_batch(sequences, masks, pad_id: int) -> Batch:
     return Batch(tokens[:, :-1], tokens[:, 1:], target[:, 1:].astype(np.float32), lengths)
 
 
+def share_bounds(rows: int, rank: int, size: int) -> tuple:
+    """[start, stop) of rank `rank`'s rows among `rows`: contiguous, sizes differing by at most
+    one (the first `rows % size` ranks take one more)."""
+    base, extra = divmod(rows, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def share(batch: Batch, rank: int, size: int) -> Batch:
+    """Rank `rank`'s contiguous rows of a length-sorted `batch`, padded to their own longest row.
+
+    Data parallelism splits each global batch into `size` shares (`batch_size` divides evenly;
+    only an epoch's short last batch gives uneven shares, and a rank may get no row: it then
+    contributes nothing to the step but still takes part in the all-reduce).  Dropping the
+    trailing columns that are padding in every row of the share is exact: the models are causal
+    and padding only ever follows the real tokens, so no kept position ever saw them."""
+    if size == 1:
+        return batch
+    start, stop = share_bounds(len(batch.lengths), rank, size)
+    lengths = batch.lengths[start:stop]
+    width = int(lengths.max()) - 1 if len(lengths) else 0
+    rows = slice(start, stop)
+    return Batch(
+        batch.inputs[rows, :width],
+        batch.targets[rows, :width],
+        batch.mask[rows, :width],
+        lengths,
+    )
+
+
 def head_rows(mask: np.ndarray, multiple: int = 1, most: float = 0.95):
     """Flat (B*T) indices of the positions that carry a target, or None when nearly all do
     (or when MLXFT_HEAD_ROWS=0, for A/B runs).

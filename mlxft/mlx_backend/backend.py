@@ -28,6 +28,7 @@ from mlxft.mlx_backend.dora import DoRALinear
 from mlxft.mlx_backend.lora import LoRALinear, linear_shape
 from mlxft.mlx_backend.loss import HeadLoss, loss_sum
 from mlxft.model_dir import read_model_config
+from mlxft.training.world import World
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -114,8 +115,9 @@ def use_compile() -> bool:
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, world: World | None = None):
         self.cfg = cfg
+        self.world = world or World()
         self.model = None
         self.config = None
         self.optimizer = None
@@ -125,6 +127,15 @@ class MLXBackend:
         self.training_notes = []
         self._generation = None
         self._mode_before_generation = None  # the model's training flag, restored at the end
+        self._comm = None
+        if self.world.distributed:
+            from mlxft.mlx_backend.collectives import Collectives
+
+            self._comm = Collectives(self.world)
+
+    @property
+    def comm_seconds(self) -> float:
+        return self._comm.seconds if self._comm else 0.0
 
     # ---------------------------------------------------------------- load
     @property
@@ -265,9 +276,8 @@ class MLXBackend:
 
     # ---------------------------------------------------------------- training
     def setup_training(self, cfg) -> None:
-        mx.random.seed(
-            cfg.seed
-        )  # dropout masks: reproducible, and part of a checkpoint's RNG state
+        # dropout masks: reproducible, part of a checkpoint's RNG state, a stream per rank
+        mx.random.seed(self.world.dropout_seed(cfg.seed))
         opt = cfg.optimizer
         extra = cfg.optimizer_options  # validated in mlxft.config
         if opt == "adamw":
@@ -346,12 +356,16 @@ class MLXBackend:
         """The CPU's attention for the steps built inside (mlxft.mlx_backend.attention)."""
         return fast_attention(self.model) if cpu_kernels() else contextlib.nullcontext()
 
-    def train_step(self, batches: list, lr: float) -> StepResult:
-        """One optimizer step over `batches` (the grad-accumulation group)."""
+    def train_step(self, batches: list, lr: float, stop: bool = False) -> StepResult:
+        """One optimizer step over `batches` (this rank's shares of the grad-accumulation
+        group); in a distributed world the gradient sums, loss sums and token counts are summed
+        over the ranks (`Collectives.step`) before the update, so it is the single-process one."""
         self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
         acc, total, count = None, mx.array(0.0), mx.array(0.0)
         with self._kernels():
             for batch in batches:
+                if not len(batch.lengths):  # an epoch's short last batch left this rank no row
+                    continue
                 t, c, g = self._grads_of(
                     mx.array(batch.inputs),
                     mx.array(batch.targets),
@@ -360,13 +374,30 @@ class MLXBackend:
                 )
                 acc = g if acc is None else tree_map(mx.add, acc, g)
                 total, count = total + t, count + c
+        if self._comm:
+            if acc is None:
+                acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
+            acc, total, count, stop = self._comm.step(acc, total, count, stop)
         norm = self._apply(acc, count)
         mx.eval(self._state, total, count, norm)
         usable = self._usable(self.model.trainable_parameters(), self.optimizer.state)
-        return StepResult(total.item(), int(count.item()), norm.item(), bool(usable.item()))
+        return StepResult(total.item(), int(count.item()), norm.item(), bool(usable.item()), stop)
+
+    def all_gather(self, values: np.ndarray) -> np.ndarray:
+        if self._comm is None:
+            return np.asarray(values)[None]
+        return self._comm.all_gather(values)
 
     def eval_loss(self, batches: list) -> tuple:
-        """(sum of token losses, token count) over `batches`, dropout off."""
+        """(sum of token losses, token count) over `batches`, dropout off; in a distributed
+        world summed over every rank's batches."""
+        total, count = self._local_eval(batches)
+        if self._comm is None:
+            return total, count
+        rows = self._comm.all_gather(np.array([total, count], dtype=np.float64))
+        return float(rows[:, 0].sum()), int(rows[:, 1].sum())
+
+    def _local_eval(self, batches: list) -> tuple:
         self.model.eval()
         total, count = 0.0, 0
         fn = self._eval or partial(self._loss, self.model)
@@ -374,6 +405,8 @@ class MLXBackend:
             fn = mx.compile(fn, inputs=self.model.state)
         self._eval = fn
         for batch in batches:
+            if not len(batch.lengths):
+                continue
             with self._kernels():
                 t, c = fn(
                     mx.array(batch.inputs),

@@ -247,18 +247,25 @@ def write_checkpoint(
     backend,
     fingerprint_: dict,
     extra_state: dict | None = None,
+    rank_states: list | None = None,
 ) -> Path:
     """checkpoints/step-NNNNNNN, atomically.  Older ones are pruned by `prune`, once this one's
     weights have been seen to compute a finite loss (`mlxft.training.session`).  `extra_state`
-    (e.g. early stopping's) is stored in trainer_state.json beside the position."""
+    (e.g. early stopping's) is stored in trainer_state.json beside the position;
+    `rank_states`: every rank's backend RNG state in a data-parallel run (rank 0's is the
+    backend's own); ranks 1.. are stored as `rng.rank<N>.<name>` (see `rank_rng`)."""
     target = Path(adapter_path) / CHECKPOINTS / f"step-{pos.step:07d}"
     tensors = {f"optim.{k}": np.ascontiguousarray(v) for k, v in backend.optimizer_state().items()}
     rng = dict(numpy_rng_state(), **backend.rng_state())
+    for rank, state in enumerate(rank_states or [], start=0):
+        if rank:
+            rng.update({f"rank{rank}.{k}": v for k, v in state.items()})
     tensors.update({f"rng.{k}": np.ascontiguousarray(v) for k, v in rng.items()})
     state = {
         "format": FORMAT,
         "position": asdict(pos),
         "backend": backend.name,
+        "world_size": max(1, len(rank_states or [])),
         "fingerprint": fingerprint_,
         **(extra_state or {}),
     }
@@ -330,6 +337,21 @@ def read_checkpoint(path: Path) -> tuple:
     optim = {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")}
     rng = {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
     return state, optim, rng
+
+
+_RANK_KEY = re.compile(r"^rank(\d+)\.(.+)$")
+
+
+def rank_rng(rng: dict, rank: int) -> dict:
+    """Rank `rank`'s RNG state among a checkpoint's `rng` tensors: rank 0's under their own
+    names, others' under `rank<N>.`; empty when the checkpoint has none for this rank (it was
+    written by fewer processes)."""
+    own = {}
+    for key, value in rng.items():
+        match = _RANK_KEY.match(key)
+        if (int(match.group(1)) if match else 0) == rank:
+            own[match.group(2) if match else key] = value
+    return own
 
 
 def rewind(adapter_path: Path, step: int) -> list:

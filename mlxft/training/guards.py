@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
+import time
 
 from mlxft.errors import UserError
 
@@ -58,7 +59,8 @@ def check_step(step, cfg, last_good) -> None:
         values += ", weights or optimizer state NaN/inf, or overflowing float32 when squared"
     raise UserError(
         f"step {step.step}: the {' and '.join(bad)} became non-finite ({values}); "
-        + _advice(cfg, step.learning_rate, last_good)
+        + _advice(cfg, step.learning_rate, last_good),
+        every_rank=True,  # the loss, norm and weights are the world's: every rank stops alike
     )
 
 
@@ -71,11 +73,13 @@ def check_evaluation(step: int, loss: float, lr: float, cfg, last_good) -> None:
         raise UserError(
             f"{cfg.model}: the validation loss of the model before any training is {loss} "
             f"(dtype {cfg.dtype}); its weights overflow or hold NaN/inf. Try --dtype float32 "
-            "or check the model files"
+            "or check the model files",
+            every_rank=True,
         )
     raise UserError(
         f"step {step}: the validation loss became non-finite ({loss}) with the weights after "
-        f"this step; " + _advice(cfg, lr, last_good)
+        f"this step; " + _advice(cfg, lr, last_good),
+        every_rank=True,
     )
 
 
@@ -126,22 +130,35 @@ def out_of_memory(err: BaseException, cfg, tokens: int, estimate=None) -> UserEr
 
 class StopRequest:
     """Ctrl-C during training asks the loop to stop after the current step (and save a
-    checkpoint) instead of tearing it down mid-update; a second Ctrl-C interrupts at once."""
+    checkpoint) instead of tearing it down mid-update; a second Ctrl-C interrupts at once.
 
-    def __init__(self):
+    In a data-parallel run (`distributed`) the terminal's Ctrl-C reaches every rank, and
+    torchrun forwards it once more: a repeat within `REPEAT_SECONDS` is that same Ctrl-C, not a
+    second one.  Only rank 0 (`speak`) says what happens."""
+
+    REPEAT_SECONDS = 2.0
+
+    def __init__(self, distributed: bool = False, speak: bool = True):
         self.requested = False
         self._previous = None
+        self._first = 0.0
+        self._gap = self.REPEAT_SECONDS if distributed else 0.0
+        self._speak = speak
 
     def _handler(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        import click
+            if time.monotonic() - self._first >= self._gap:
+                raise KeyboardInterrupt
+            return
+        self.requested, self._first = True, time.monotonic()
+        if self._speak:
+            import click
 
-        click.echo(
-            "\nInterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to quit now)",
-            err=True,
-        )
+            click.echo(
+                "\nInterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to "
+                "quit now)",
+                err=True,
+            )
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():

@@ -27,8 +27,10 @@ class Inputs:
     checkpoint: Path | None  # the checkpoint `--resume`/`--resume-from` continues, if any
 
 
-def read_inputs(cfg: Config) -> Inputs:
-    if cfg.train:
+def read_inputs(cfg: Config, writes: bool = True) -> Inputs:
+    """`writes`: this process writes adapter_path (every rank but rank 0 of a data-parallel run
+    leaves it alone, and on another machine need not be able to)."""
+    if cfg.train and writes:
         check_destination(Path(cfg.adapter_path), "adapter_path", empty=False)
         check_unlocked(Path(cfg.adapter_path))
     checkpoint = find_checkpoint(cfg) if cfg.train else None

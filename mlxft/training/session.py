@@ -9,10 +9,15 @@ every `steps_per_eval`, at the end (and at each epoch's end with `eval_every_epo
 there and keeps the best adapter.  Checkpoints (`mlxft.training.checkpoint`) let
 `--resume` continue a killed run exactly; `mlxft.training.guards` stops it cleanly on a
 diverged loss, out of memory or Ctrl-C.
+
+Under `mlx.launch` or `torchrun` every rank runs this same loop on its share of each batch
+(`mlxft.training.world`); the backend returns sums over the world, so the loop only has to
+leave the files (metrics, checkpoints, adapter) and the console to rank 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -36,6 +41,7 @@ from mlxft.training.eval_samples import EvalSamples
 from mlxft.training.inputs import read_inputs
 from mlxft.training.metrics import METRICS_FILE, Reporter
 from mlxft.training.schedule import learning_rate
+from mlxft.training.world import World, check_same_start, gather_states
 
 
 @dataclass
@@ -50,6 +56,7 @@ class Step:
     grad_norm: float
     seconds: float
     weights_finite: bool = True  # the weights and optimizer state after the update
+    comm_seconds: float = 0.0  # of `seconds`, in collectives (waiting for other ranks included)
 
     @property
     def loss(self) -> float:
@@ -83,17 +90,18 @@ def batch_stream(split: Split, cfg: Config, pad_id: int, pos: Position) -> Itera
 class Session:
     """A model + tokenizer + data, loaded once; train() and test() work on it."""
 
-    def __init__(self, cfg: Config, reporter_quiet: bool = False):
+    def __init__(self, cfg: Config, reporter_quiet: bool = False, world: World | None = None):
         self.cfg = cfg
-        self.quiet = reporter_quiet
+        self.world = world or World()
+        self.quiet = reporter_quiet or not self.world.is_main
         self.out = Path(cfg.adapter_path)
-        inputs = read_inputs(cfg)
+        inputs = read_inputs(cfg, writes=self.world.is_main)
         self.model_path = inputs.model_path
         self.tokenizer = inputs.tokenizer
         self.splits = inputs.splits
         self.pad_id = inputs.pad_id
         self.checkpoint = inputs.checkpoint
-        self.backend = get_backend(cfg)
+        self.backend = get_backend(cfg, self.world)
         full_resume = self.checkpoint is not None and cfg.fine_tune_type == "full"
         # a full fine-tune's checkpoint is a whole model directory
         if full_resume:
@@ -122,6 +130,7 @@ class Session:
         self.last_val_loss: float | None = None
         self.monitor: EarlyStopping | None = None
         self.samples: EvalSamples | None = None
+        self.stopped = False  # the ranks agreed to stop early (Ctrl-C)
 
     # ------------------------------------------------------------------ header
     def header(self, iters: int, batches_per_epoch: int, pad_frac: float) -> list:
@@ -129,6 +138,7 @@ class Session:
         trainable, total = b.parameter_counts()
         lines = [
             f"Model {cfg.model} ({b.dtype}) on {b.name}:{b.device}",
+            *([self.world.describe(b.name, cfg.batch_size)] if self.world.distributed else []),
             f"Trainable parameters: {100 * trainable / max(total, 1):.3f}% "
             f"({trainable / 1e6:.3f}M/{total / 1e6:.3f}M)",
         ]
@@ -169,14 +179,23 @@ class Session:
     # ------------------------------------------------------------------ steps
     def steps(self, pos: Position, iters: int, stop=None) -> Iterator[Step]:
         """Optimizer steps from `pos` up to `iters` (or until `stop.requested`), advancing `pos`.
-        `setup_training` must have run; nothing is reported or saved here."""
-        cfg = self.cfg
+        `setup_training` must have run; nothing is reported or saved here.
+
+        Every rank draws the same global batches and trains on its share; a stop request
+        (Ctrl-C) travels with the step's all-reduce, so every rank stops after the same step
+        (`self.stopped`).  One process stops before the next step, as it always did."""
+        cfg, world, backend = self.cfg, self.world, self.backend
         stream = batch_stream(self.splits["train"], cfg, self.pad_id, pos)
-        while pos.step < iters and not (stop is not None and stop.requested):
+        while pos.step < iters:
+            asked = stop is not None and stop.requested
+            if asked and not world.distributed:
+                self.stopped = True
+                return
             lr = learning_rate(pos.step, cfg.learning_rate, cfg.lr_schedule, iters)
             group = [next(stream) for _ in range(cfg.grad_accumulation_steps)]
-            tic = time.perf_counter()
-            result = self._guarded(self.backend.train_step, group, lr)
+            world.at(f"step {pos.step + 1}")
+            comm, tic = backend.comm_seconds, time.perf_counter()
+            result = self._guarded(backend.train_step, [world.share(b) for b in group], lr, asked)
             seconds = time.perf_counter() - tic
             pos.step += 1
             pos.trained_tokens += result.tokens
@@ -190,7 +209,11 @@ class Session:
                 result.grad_norm,
                 seconds,
                 result.weights_finite,
+                backend.comm_seconds - comm,
             )
+            if result.stop:
+                self.stopped = True
+                return
 
     # ------------------------------------------------------------------ train
     def train(self) -> TrainResult:
@@ -203,14 +226,17 @@ class Session:
         )
         iters = total_iters(cfg, len(first_epoch))
         val = eval_batches(self.splits["valid"], cfg.batch_size, self.pad_id, cfg.val_batches)
-        self.samples = self._eval_samples()  # checked before anything is written
+        val = [self.world.share(b) for b in val]
+        main = self.world.is_main
+        self.samples = self._eval_samples() if main else None  # checked before any write
         pos, notes, restored = self._plan_start(iters)
         self.monitor = EarlyStopping(
             cfg.early_stopping_patience, cfg.early_stopping_min_delta, cfg.save_best, self.out
         )
         notes.append(self.monitor.describe())
         reporter = Reporter(None, iters, quiet=self.quiet)
-        memory, self.estimate = planner.header_line(cfg, self.model_path, self.longest)
+        per_rank = replace(cfg, batch_size=cfg.batch_size // self.world.size)  # what one holds
+        memory, self.estimate = planner.header_line(per_rank, self.model_path, self.longest)
         header = self.header(iters, len(first_epoch), padding_fraction(first_epoch))
         for line in [*header, memory]:
             reporter.echo(line)
@@ -222,19 +248,24 @@ class Session:
                 f"Resuming from {self.checkpoint} at step {pos.step} "
                 f"(epoch {pos.epoch}, batch {pos.index})"
             )
-        with run_dir.RunLock(self.out) as lock:
-            notes = lock.notes + self._prepare(pos, restored) + notes
-            self.monitor.start(
-                self.checkpoint, restored[0].get("early_stopping") if restored else None
-            )
-            reporter.open(self.out / METRICS_FILE)
+        early = restored[0].get("early_stopping") if restored else None
+        # rank 0 owns adapter_path: the lock, the directory, every file; the others compute
+        with run_dir.RunLock(self.out) if main else contextlib.nullcontext() as lock:
+            if main:
+                notes = lock.notes + self._prepare(pos, restored) + notes
+                self.monitor.start(self.checkpoint, early)
+                reporter.open(self.out / METRICS_FILE)
+            else:
+                self.monitor.load_state(early)
             try:
                 for note in filter(None, notes):
                     reporter.echo(note)
+                check_same_start(self.world, backend, pos, self.fingerprint)
                 self._run(pos, iters, val, reporter, Epochs(len(first_epoch)))
             finally:
                 reporter.close()
-            self.save_adapter(self.out)
+            if main:
+                self.save_adapter(self.out)
         reporter.echo(
             f"Saved the full model to {self.out} (Hugging Face directory: config.json, "
             f"model.safetensors)"
@@ -257,6 +288,7 @@ class Session:
         self.saved_step = pos.step
 
         def evaluate(step: int) -> float:
+            self.world.at(f"validation at step {step}")
             tic = time.perf_counter()
             total, count = self._guarded(backend.eval_loss, val)
             lr = learning_rate(min(step, iters - 1), cfg.learning_rate, cfg.lr_schedule, iters)
@@ -277,10 +309,11 @@ class Session:
                 backend.peak_memory_gb(),
                 samples.run(backend) if samples else None,
             )
-            monitor.update(step, loss, self.save_adapter)
+            # every rank keeps the same early-stopping state; rank 0 writes best/
+            monitor.update(step, loss, self.save_adapter if self.world.is_main else _no_write)
             return loss
 
-        with guards.StopRequest() as stop:
+        with guards.StopRequest(self.world.distributed, speak=self.world.is_main) as stop:
             if not self.checkpoint:
                 self.first_val_loss = evaluate(0)
             epochs_done = epochs.completed(pos)
@@ -315,7 +348,7 @@ class Session:
                     break
                 if step.step % cfg.save_every == 0 and step.step != iters:
                     self.save_checkpoint(pos)
-            if stop.requested and pos.step < iters:
+            if self.stopped and pos.step < iters:
                 self._interrupted(pos)
 
     def _eval_samples(self) -> EvalSamples | None:
@@ -376,11 +409,14 @@ class Session:
         if self.pending is None:
             return
         pending, self.pending = self.pending, None
+        main = self.world.is_main
         if math.isfinite(loss):
             self.last_good = pending
-            checkpoint.prune(self.out, self.cfg.keep_checkpoints)
+            if main:
+                checkpoint.prune(self.out, self.cfg.keep_checkpoints)
             return
-        checkpoint.discard(pending)
+        if main:
+            checkpoint.discard(pending)
         self.last_checkpoint = self.last_good
         reporter.echo(f"Removed checkpoint {pending}: its weights compute a non-finite loss")
 
@@ -405,7 +441,7 @@ class Session:
 
     def _restore(self, state: dict, optimizer: dict, rng: dict) -> list:
         """Weights, optimizer moments and RNG from a checkpoint (its position is set by the
-        caller)."""
+        caller).  Each rank takes its own saved RNG stream (`checkpoint.rank_rng`)."""
         if self.cfg.fine_tune_type != "full":  # full fine-tunes were loaded from the checkpoint dir
             _, weights = load_adapter(
                 self.checkpoint,
@@ -420,7 +456,15 @@ class Session:
                 f"checkpoint written by the {state.get('backend')} backend: its random state does "
                 "not carry over (only dropout draws differ)"
             ]
-        self.backend.set_rng_state(rng)
+        own = checkpoint.rank_rng(rng, self.world.rank)
+        saved_size = state.get("world_size", 1)
+        if own:
+            self.backend.set_rng_state(own)
+        if saved_size != self.world.size:
+            return [
+                f"checkpoint written by {saved_size} process(es), resumed on {self.world.size}: "
+                "the data position is global, so only dropout draws differ"
+            ]
         return []
 
     def _interrupted(self, pos: Position) -> None:
@@ -429,7 +473,10 @@ class Session:
 
         if pos.step > self.saved_step:
             self.save_checkpoint(pos)
-            checkpoint.prune(self.out, self.cfg.keep_checkpoints, also_keep=self.last_good)
+            if self.world.is_main:
+                checkpoint.prune(self.out, self.cfg.keep_checkpoints, also_keep=self.last_good)
+        if not self.world.is_main:
+            raise KeyboardInterrupt
         if self.last_checkpoint is None:
             click.echo("Interrupted before the first step: nothing to save.", err=True)
         else:
@@ -456,7 +503,15 @@ class Session:
 
     def save_checkpoint(self, pos: Position) -> Path:
         """checkpoints/step-NNNNNNN: weights, config, optimizer state, RNG, data position; best/
-        and the early-stopping state travel with it, so a resumed run continues both exactly."""
+        and the early-stopping state travel with it, so a resumed run continues both exactly.
+        Every rank takes part (each rank's RNG state is gathered); rank 0 writes."""
+        self.world.at(f"checkpoint at step {pos.step}")
+        states = gather_states(self.world, self.backend, self.backend.rng_state())
+        if not self.world.is_main:
+            self.last_checkpoint = self.out / checkpoint.CHECKPOINTS / f"step-{pos.step:07d}"
+            self.pending = self.last_checkpoint
+            self.saved_step = pos.step
+            return self.last_checkpoint
         monitor = self.monitor
 
         def save(tmp: Path) -> None:
@@ -472,6 +527,7 @@ class Session:
             self.backend,
             self.fingerprint,
             {"early_stopping": monitor.state()} if monitor else None,
+            rank_states=states,
         )
         self.pending = self.last_checkpoint
         self.saved_step = pos.step
@@ -485,7 +541,7 @@ class Session:
         batches = eval_batches(
             self.splits["test"], self.cfg.batch_size, self.pad_id, self.cfg.test_batches
         )
-        total, count = self.backend.eval_loss(batches)
+        total, count = self.backend.eval_loss([self.world.share(b) for b in batches])
         loss = total / max(count, 1)
         if not self.quiet:
             print(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700)):.3f}.")
@@ -535,3 +591,7 @@ class Window:
         if not self.run_seconds:
             return 0.0, 0.0
         return step / self.run_seconds, self.run_tokens / self.run_seconds
+
+
+def _no_write(_path: Path) -> None:
+    """What a rank other than 0 writes: nothing (rank 0 owns adapter_path)."""

@@ -4,7 +4,8 @@ Every trainer runs as its own process, started here, and is measured the same wa
 - per-step (trained tokens, seconds) pairs come from the trainer's own per-step report
   (our metrics.jsonl; mlx_lm's and the PEFT runner's JSON lines), so warm-up steps can be
   left out of steady-state rates;
-- peak RSS comes from the kernel for that one child (`os.wait4`), identical for every trainer.
+- peak RSS comes from the kernel for that one child (`os.wait4`, through a small launcher so
+  the caller's own peak is not counted), identical for every trainer.
 """
 
 from __future__ import annotations
@@ -60,6 +61,61 @@ class Run:
         return out
 
 
+# Linux starts a child's ru_maxrss at its parent's high-water mark (exec records the old address
+# space's peak), so every measured command is started by this small launcher: its few MB, not the
+# caller's (a pytest process or a benchmark that loaded models), are the floor.
+_LAUNCHER = """
+import json, os, signal, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as out:
+    json.dump([usage.ru_utime + usage.ru_stime, usage.ru_maxrss], out)
+code = os.waitstatus_to_exitcode(status)
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
+@dataclass
+class Measured:
+    """One command as the kernel saw it: exit status (negative: killed by that signal), wall
+    seconds, CPU seconds and peak resident bytes of that command alone."""
+
+    status: int
+    seconds: float
+    cpu_seconds: float
+    peak_bytes: int
+
+
+def measure(cmd: list, stdout, stderr, env: dict, cwd=None, timeout: float = 3600) -> Measured:
+    """Run `cmd` through the launcher in its own session (a timeout kills the whole group)."""
+    usage_file = Path(stdout.name).with_name(Path(stdout.name).name + ".usage.json")
+    usage_file.unlink(missing_ok=True)
+    launcher = [sys.executable, "-S", "-c", _LAUNCHER, str(usage_file)]
+    tic = time.perf_counter()
+    proc = subprocess.Popen(
+        launcher + [str(c) for c in cmd],
+        stdout=stdout,
+        stderr=stderr,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    timer.start()
+    try:
+        status = proc.wait()
+    finally:
+        timer.cancel()
+    seconds = time.perf_counter() - tic
+    cpu, maxrss = json.loads(usage_file.read_text()) if usage_file.exists() else (0.0, 0)
+    usage_file.unlink(missing_ok=True)
+    peak = maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
+    return Measured(status, seconds, cpu, peak)
+
+
 def run_measured(
     name: str, cmd: list, log: Path, env: dict | None = None, timeout: float = 3600
 ) -> tuple:
@@ -73,28 +129,11 @@ def run_measured(
         **(env or {}),
     }
     full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset in this command
-    tic = time.perf_counter()
     with open(log, "w") as out:
         out.write("$ " + " ".join(map(str, cmd)) + "\n")
         out.flush()
-        proc = subprocess.Popen(
-            [str(c) for c in cmd],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            cwd=REPO,
-            start_new_session=True,
-        )
-        timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - tic
-    rss = usage.ru_maxrss / (1e9 if sys.platform == "darwin" else 1e6)
-    return proc.returncode, seconds, rss
+        run = measure(cmd, out, subprocess.STDOUT, full_env, cwd=REPO, timeout=timeout)
+    return run.status, run.seconds, run.peak_bytes / 1e9
 
 
 def tail(path: Path, lines: int = 8) -> str:

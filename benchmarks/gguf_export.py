@@ -70,8 +70,7 @@ def perplexities(model: Path, files: dict, n_rows: int) -> dict:
 
 
 def export_all(models: dict, outtypes: list) -> dict:
-    """Every export as its own process, all before any model is loaded here: a child's ru_maxrss
-    counts the pages it shares with this process at fork, so the parent must stay small."""
+    """Every export as its own process (benchmarks.common.measure: that child's peak alone)."""
     out = {}
     for name, model in models.items():
         weights = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 1e9

@@ -14,13 +14,15 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import measure  # noqa: E402
+
 WORDS = ["the", "table", "select", "where", "count", "of", "players", "Lily", "名前", "où", "?"]
 
 
@@ -32,18 +34,6 @@ def write_data(folder: Path, megabytes: int) -> None:
     text = text.encode()[: size - 20].decode(errors="ignore")
     (folder / "train.jsonl").write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     (folder / "valid.jsonl").write_text(json.dumps({"text": " ".join(WORDS)}) + "\n")
-
-
-def run_measured(command: list, env: dict, logs: Path) -> tuple:
-    """(exit status, wall s, CPU s, peak RSS bytes) of `command` alone (wait4: this child's
-    own resource usage, not every child's so far)."""
-    with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
-        tic = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - tic
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
 def main() -> None:
@@ -65,14 +55,15 @@ def main() -> None:
             "--iters", str(args.steps), "--val-batches", "1",
         ]  # fmt: skip
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        status, seconds, cpu, peak = run_measured(command, env, Path(tmp))
-        if status:
+        with open(Path(tmp) / "stdout", "w") as out, open(Path(tmp) / "stderr", "w") as err:
+            run = measure(command, out, err, env)
+        if run.status:
             sys.exit((Path(tmp) / "stderr").read_text())
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"one {size / 2**20:.1f} MB record, --max-seq-length {args.max_seq_length}, "
-        f"{args.steps} steps: {seconds:.1f} s wall, {cpu:.1f} s CPU, peak RSS "
-        f"{peak / 1e9:.2f} GB (load average {load}, {os.cpu_count()} CPUs)"
+        f"{args.steps} steps: {run.seconds:.1f} s wall, {run.cpu_seconds:.1f} s CPU, peak RSS "
+        f"{run.peak_bytes / 1e9:.2f} GB (load average {load}, {os.cpu_count()} CPUs)"
     )
     print(" ".join(command[1:]))
 

@@ -80,3 +80,27 @@ def test_mlx_lm_anchor_batches_are_ours(stories, wikisql_small, tmp_path):
             assert row[:length] in [list(r) for r in rows]  # whole rows, unchanged
     valid = list(iterate(train[:7], 3, 512))  # another set: mlx_lm's own batches (full ones only)
     assert len(valid) == 2
+
+
+def test_a_measured_child_does_not_inherit_the_callers_peak(tmp_path):
+    """Linux starts a child's ru_maxrss at its parent's peak; the launcher in benchmarks.common
+    keeps this (large) process's peak out of every figure it reports, and passes the status on."""
+    import os
+
+    from benchmarks.common import measure
+
+    ballast = bytearray(800 * 2**20)  # this process's peak is now at least 800 MB
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    del ballast
+    with open(tmp_path / "out", "w") as out:
+        small = measure([sys.executable, "-c", "pass"], out, out, dict(os.environ))
+        grown = measure(
+            [sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+            out,
+            out,
+            dict(os.environ),
+        )
+        failed = measure([sys.executable, "-c", "raise SystemExit(3)"], out, out, dict(os.environ))
+    assert small.status == 0 and small.peak_bytes < 100e6, small
+    assert grown.status == 0 and 300e6 < grown.peak_bytes < 450e6, grown
+    assert failed.status == 3

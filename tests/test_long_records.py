@@ -156,7 +156,8 @@ def test_a_50_mb_record_trains_in_bounded_time_and_memory(tmp_path):
     it tokenized before the truncation.  Now: under 30 s of CPU and 1 GB resident for the whole
     command (model load, data, 5 steps, adapter), measured for this child alone; CPU time, not
     wall time, so a busy CI machine does not fail it.  Figures: benchmarks/RESULTS.md."""
-    from benchmarks.long_record import run_measured, write_data
+    from benchmarks.common import measure
+    from benchmarks.long_record import write_data
     from tests.conftest import STORIES
 
     data = tmp_path / "data"
@@ -168,8 +169,9 @@ def test_a_50_mb_record_trains_in_bounded_time_and_memory(tmp_path):
         "--iters", "5", "--val-batches", "1",
     ]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    status, _, cpu, peak = run_measured(list(map(str, args)), env, tmp_path)
-    assert status == 0, (tmp_path / "stderr").read_text()
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        run = measure(args, out, err, env)
+    assert run.status == 0, (tmp_path / "stderr").read_text()
     assert "1 truncated to 128 tokens" in (tmp_path / "stdout").read_text()
-    assert peak < 1e9, f"peak RSS {peak / 1e9:.2f} GB"
-    assert cpu < 30, f"{cpu:.0f} s CPU"
+    assert run.peak_bytes < 1e9, f"peak RSS {run.peak_bytes / 1e9:.2f} GB"
+    assert run.cpu_seconds < 30, f"{run.cpu_seconds:.0f} s CPU"

@@ -1,4 +1,6 @@
-"""Progress bars for long loops (training steps, tensors written by convert and fuse).
+"""Progress bars for long loops: training steps, `mlxft evaluate`'s examples, and the bytes
+computed by convert and fuse (`mlxft.mlx_backend.arrays.numpy_weights`) and written by the
+GGUF export.
 
 tqdm draws them: it is already installed with transformers and huggingface_hub, it computes
 the rate and ETA itself (correctly from a non-zero start on resume), and it can clear its

@@ -122,16 +122,14 @@ def artifact_files(adapter_dir: Path) -> list:
     return [Path(adapter_dir) / n for n in ARTIFACT_FILES if (Path(adapter_dir) / n).is_file()]
 
 
-def open_trackers(
-    cfg, adapter_dir: Path, saved_ids: dict, resume_step: int, enabled: bool = True
-) -> tuple:
+def open_trackers(cfg, adapter_dir: Path, saved_ids: dict, resume_step: int) -> tuple:
     """(trackers, {name: run id}, notes) for `cfg.report_to`, each run started; the ids are
     written to adapter_path/trackers.json.  `saved_ids` (from the checkpoint) continue those
-    runs.  `enabled` is False on every rank but 0 of a data-parallel run: rank 0 owns
-    adapter_path, and a tracker run is one run, not one per rank.  Call it with the run
-    directory prepared (an earlier run's trackers.json moved aside, `mlxft.training.run_dir`)."""
+    runs.  Rank 0 alone calls it in a data-parallel run: it owns adapter_path, and a run is one
+    tracker run, not one per rank.  Call it with the run directory prepared (an earlier run's
+    trackers.json moved aside by `mlxft.training.run_dir`)."""
     adapter_dir = Path(adapter_dir)
-    if not enabled or not cfg.report_to:
+    if not cfg.report_to:
         return [], {}, []
     run_name = cfg.run_name or adapter_dir.resolve().name
     config = hyperparameters(cfg)

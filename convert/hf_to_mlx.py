@@ -119,7 +119,7 @@ def to_mlx(
             from mlx_lm.utils import quantize_model
 
             model, config = quantize_model(model, config, q_group_size, q_bits)
-        weights = numpy_weights(dict(tree_flatten(model.parameters())))
+        weights = numpy_weights(dict(tree_flatten(model.parameters())), "Converting")
         with atomic_dir(Path(mlx_path)) as tmp:
             write_safetensors(weights, tmp, "mlx")
             _save_config(config, tmp / "config.json")

@@ -32,7 +32,7 @@ def load_mlx_weights(mlx_path: Path) -> tuple[dict, dict]:
         raise UserError(f"{mlx_path}: mlx-lm cannot load this model ({reason})") from None
     if "quantization" in config:
         model = dequantize_model(model)
-    return numpy_weights(dict(tree_flatten(model.parameters()))), config
+    return numpy_weights(dict(tree_flatten(model.parameters())), "Converting"), config
 
 
 def to_hf(mlx_path, hf_path, dtype: str | None = None) -> Path:

@@ -16,6 +16,7 @@ from mlxft.commands.data import data_command
 from mlxft.commands.evaluate import evaluate_command
 from mlxft.commands.generate import chat, generate
 from mlxft.commands.info import info, recipes
+from mlxft.commands.plot import plot
 from mlxft.commands.train import lora
 
 
@@ -42,6 +43,7 @@ for command in (
     lora,
     data_command,
     evaluate_command,
+    plot,
     generate,
     chat,
     fuse,

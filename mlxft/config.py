@@ -151,6 +151,13 @@ class Config:
     """Continue from this checkpoint directory."""
     seed: int = 0
     """Seed for adapter init, batch order and dropout."""
+    report_to: Any | None = field(default_factory=list)
+    """Experiment trackers that get every metrics.jsonl row: tensorboard, wandb, mlflow (a list
+    or a comma list; `none` or empty: none)."""
+    run_name: str | None = None
+    """The run's name in the trackers (default: adapter_path's directory name)."""
+    project: str | None = None
+    """W&B project and MLflow experiment (default mlxft)."""
     # --- data parallelism (mlx.launch / torchrun; mlxft.training.world)
     distributed_timeout: float = 600.0
     """Seconds a rank waits in a collective for the others before it stops with an error."""
@@ -545,6 +552,29 @@ def _normalize_prompts(value: Any, where: str) -> Any:
     return value
 
 
+def _normalize_report_to(value: Any, where: str) -> list:
+    """`wandb`, `tensorboard,mlflow`, a list of names, or `none` -> a list of tracker names."""
+    from mlxft.training.trackers import NAMES
+
+    items = value if isinstance(value, (list, tuple)) else [value] if value is not None else []
+    names = []
+    for item in items:
+        if not isinstance(item, str):
+            raise UserError(
+                f"{where}: report_to must be tracker names ({', '.join(NAMES)}), got {item!r}"
+            )
+        names += [n.strip().lower() for n in item.split(",") if n.strip()]
+    names = [n for n in names if n != "none"]
+    for name in names:
+        if name not in NAMES:
+            hint = difflib.get_close_matches(name, NAMES, n=1, cutoff=0.5)
+            raise UserError(
+                f"{where}: report_to '{name}' is not a tracker; choose from {', '.join(NAMES)}"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            )
+    return list(dict.fromkeys(names))
+
+
 def _expand(path: str | None) -> str | None:
     if path is None or "{{" in path or "{%" in path:  # an inline jinja template, not a path
         return None if path is None else path
@@ -593,6 +623,7 @@ def build_config(
     cfg.optimizer_config = _normalize_optimizer(cfg.optimizer_config, where_of("optimizer_config"))
     cfg.hf_dataset = _normalize_hf_dataset(cfg.hf_dataset, where_of("hf_dataset"))
     cfg.eval_prompts = _normalize_prompts(cfg.eval_prompts, where_of("eval_prompts"))
+    cfg.report_to = _normalize_report_to(cfg.report_to, where_of("report_to"))
     for key in _PATH_KEYS:
         setattr(cfg, key, _expand(getattr(cfg, key)))
     _validate(cfg, where_of)
@@ -688,6 +719,12 @@ def _validate(cfg: Config, where_of) -> None:
         "test_batches must be -1 (all) or at least 1",
     )
     need(cfg.eval_max_tokens >= 1, "eval_max_tokens", "eval_max_tokens must be at least 1")
+    if cfg.train:  # a missing tracker package is found now, before any model loads
+        from mlxft.training.trackers import missing
+
+        for name in cfg.report_to:
+            problem = missing(name)
+            need(problem is None, "report_to", problem or "")
     need(
         cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1,
         "early_stopping_patience",

@@ -13,6 +13,9 @@ so a test or a benchmark can set a switch for one run.
 | `MLXFT_HEAD_ROWS` | `0` | run the output head on every position, not only trained ones |
 | `MLXFT_CPU_MATMUL` | `mkl` / `onednn` | torch on the CPU: force the library for frozen matmuls |
 | `HF_HUB_OFFLINE` | `1` | Hugging Face's own switch: use the local cache, never the network |
+| `WANDB_MODE` | `online` / `offline` | W&B's own switch; unset: `report_to: wandb` is offline |
+| `WANDB_DIR` | a directory | W&B's own: where its run folders go (default: adapter_path) |
+| `MLFLOW_TRACKING_URI` | a URI | MLflow's own: its store (default: sqlite in adapter_path) |
 
 Launchers describe a data-parallel world in their own variables; mlxft only reads them
 (`launcher_env`, interpreted by `mlxft.training.world`):
@@ -74,6 +77,21 @@ def cpu_matmul() -> str | None:
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE: huggingface_hub's switch, read the same way for our own messages."""
     return _value("HF_HUB_OFFLINE") in _ON
+
+
+def wandb_mode() -> str | None:
+    """WANDB_MODE as set (W&B reads it itself); None when unset, so mlxft picks offline."""
+    return os.environ.get("WANDB_MODE") or None
+
+
+def wandb_dir() -> str | None:
+    """WANDB_DIR as set (W&B reads it itself); None when unset, so runs go to adapter_path."""
+    return os.environ.get("WANDB_DIR") or None
+
+
+def mlflow_tracking_uri() -> str | None:
+    """MLFLOW_TRACKING_URI: the user's MLflow store, or None for our sqlite file."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
 # The launchers' variables, in the order `mlxft.training.world` consults them.

@@ -12,6 +12,7 @@ import json
 import random
 import shutil
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,7 @@ class Case:
     expect: tuple  # substrings of the one error line
     writes_to: str = "out"  # which directory must stay untouched: out (must not appear) or adapter
     env: Callable | None = None  # Env -> extra environment (a launcher's variables)
+    hide: tuple = ()  # modules the case runs without (as if their package were not installed)
 
 
 # a well-formed safetensors file holding one small tensor: a model whose weights pass the checks
@@ -915,6 +917,64 @@ CASES = [
         lambda e: e.train("--distributed-timeout", "0"),
         ("distributed_timeout must be > 0 seconds",),
     ),
+    # ---------------------------------------------------------------- trackers and plots
+    Case(
+        "report-to-unknown",
+        lambda e: e.train("--report-to", "tensorbaord"),
+        (
+            "--report-to: report_to 'tensorbaord' is not a tracker; choose from tensorboard, "
+            "wandb, mlflow (did you mean 'tensorboard'?)",
+        ),
+    ),
+    Case(
+        "report-to-not-installed",
+        lambda e: e.train("--config", e.file("c.yaml", "report_to: [wandb]\n")),
+        (
+            "c.yaml: report_to 'wandb' needs wandb, which is not installed: "
+            "pip install 'mlxft[wandb]'",
+        ),
+        hide=("wandb",),
+    ),
+    Case(
+        "plot-no-metrics",
+        lambda e: ["plot", e.data, "--save-path", e.out / "loss.png"],
+        (
+            "no metrics.jsonl in this directory; pass an adapter_path directory of `mlxft lora` "
+            "or its metrics.jsonl",
+        ),
+    ),
+    Case(
+        "plot-bad-metrics-line",
+        lambda e: [
+            "plot",
+            e.file(
+                "m/metrics.jsonl",
+                '{"step": 1, "train_loss": 2}\n{"step": 2, "train_loss"\n{"step": 3}\n',
+            ),
+            "--save-path",
+            e.out / "loss.png",
+        ],
+        ("m/metrics.jsonl:2: invalid JSON (",),
+    ),
+    Case(
+        "plot-unknown-metric",
+        lambda e: ["plot", e.adapter, "--metrics", "train_los", "--save-path", e.out / "loss.png"],
+        ("--metrics: no run has 'train_los'; did you mean 'train_loss'?",),
+        writes_to="adapter",
+    ),
+    Case(
+        "plot-no-matplotlib",
+        lambda e: ["plot", e.adapter, "--save-path", e.out / "loss.png"],
+        ("plotting needs matplotlib, which is not installed: pip install 'mlxft[plot]'",),
+        writes_to="adapter",
+        hide=("matplotlib",),
+    ),
+    Case(
+        "plot-unknown-format",
+        lambda e: ["plot", e.adapter, "--save-path", e.out / "loss.jpg"],
+        ("--save-path", "unknown picture type '.jpg'; use one of .png, .svg, .pdf, .html"),
+        writes_to="adapter",
+    ),
 ]
 
 
@@ -975,8 +1035,10 @@ def invoke(args, env=None) -> tuple:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_clear_line(case, env):
+def test_bad_input_is_one_clear_line(case, env, monkeypatch):
     env.tmp.mkdir()
+    for module in case.hide:
+        monkeypatch.setitem(sys.modules, module, None)
     args = case.args(env)
     before = snapshot(env.adapter)
     result, lines = invoke(args, case.env(env) if case.env else None)

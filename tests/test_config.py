@@ -123,6 +123,7 @@ def test_every_key_is_type_checked(tmp_path):
         "optimizer_config",
         "hf_dataset",  # checked by _normalize_hf_dataset
         "eval_prompts",  # checked by _normalize_prompts
+        "report_to",  # checked by _normalize_report_to
     }
     for key, bad, expected in (
         ("iters", "ten", "a whole number"),

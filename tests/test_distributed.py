@@ -396,9 +396,8 @@ HEADERS = {"mlx": "World: 2 processes (mlx.launch, ring), backend mlx", "torch":
 def test_two_processes_train_like_one(backend, completions, reference, tmp_path):
     """Grad accumulation 2 and mask_prompt (the head on trained rows only) on 2 ranks."""
     out = tmp_path / "two"
-    stdout, stderr = finish(
-        launch(backend, lora_args(completions, out, backend, *VARIANTS["masked"]))
-    )
+    args = lora_args(completions, out, backend, *VARIANTS["masked"], "--report-to", "tensorboard")
+    stdout, stderr = finish(launch(backend, args))
     assert error_lines(stderr) == [], stderr[-3000:]
     assert HEADERS[backend] in stdout and "batch_size 4 is global: 2 rows per process" in stdout
     assert stdout.count("Saved adapter to") == 1  # rank 0 alone reports
@@ -410,7 +409,21 @@ def test_two_processes_train_like_one(backend, completions, reference, tmp_path)
         "metrics.jsonl",
         "mlxft_config.yaml",
         "checkpoints",
+        "trackers.json",
+        "runs",
     }
+    # one tracker run, rank 0's, holding metrics.jsonl's training losses step for step
+    events = list((out / "runs").rglob("events.out.tfevents.*"))
+    assert len(events) == 1, events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    want = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    got = [(e.step, e.value) for e in acc.Scalars("train_loss")]
+    assert [s for s, _ in got] == [s for s, _ in want]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
 
 
 def wait_for_checkpoint(proc, out: Path, step: int, timeout: float = 300.0) -> None:

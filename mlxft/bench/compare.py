@@ -248,12 +248,11 @@ def world_lines(report: dict) -> list[str]:
 
 def plot(report: dict, path: Path) -> bool:
     """Loss curves and throughput as a PNG; False (and nothing written) without matplotlib."""
-    try:
-        import matplotlib
+    from mlxft.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    try:
+        plt = pyplot()
+    except UserError:  # matplotlib is not installed
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for i, (name, r) in enumerate(

@@ -28,6 +28,7 @@ def _lora_overrides(kw: dict) -> dict:
     if kw.get("warmup") is not None:
         out["lr_schedule"] = {"name": kw.get("lr_schedule") or "constant", "warmup": kw["warmup"]}
     out["eval_prompts"] = list(kw.get("eval_prompts") or []) or None
+    out["report_to"] = list(kw.get("report_to") or []) or None  # no flag: the YAML's value stands
     switches = ("train", "test", "mask_prompt", "grad_checkpoint", "trust_remote_code", "resume")
     for flag in (*switches, "save_best", "eval_every_epoch"):
         if not out.get(flag):
@@ -141,6 +142,16 @@ def _lora_overrides(kw: dict) -> dict:
     help="Print the memory plan (from config, data and model metadata) and exit.",
 )
 @click.option("--seed", type=int)
+@click.option(
+    "--report-to",
+    multiple=True,
+    help="Experiment tracker: tensorboard, wandb or mlflow (repeatable or a comma list; "
+    "default none).",
+)
+@click.option(
+    "--run-name", help="The run's name in the trackers (default: adapter_path's directory name)."
+)
+@click.option("--project", help="W&B project / MLflow experiment (default mlxft).")
 @click.option(
     "--distributed-timeout",
     type=float,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxft import progress
 from mlxft.errors import UserError
 from mlxft.fileio import check_destination
 from mlxft.hub import resolve_model
@@ -324,9 +325,12 @@ def write_gguf(path: Path, arch: str, metadata: Callable, tensors: list) -> None
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    total = sum(_nbytes(t) for t in tensors)
     try:
-        for t in tensors:
-            writer.write_tensor_data(_encode(t.load(), t.qtype))
+        with progress.bar(total, Path(path).name, unit="B", unit_scale=True) as bar:
+            for t in tensors:
+                writer.write_tensor_data(_encode(t.load(), t.qtype))
+                bar.update(_nbytes(t))
     finally:
         writer.close()
 

@@ -12,12 +12,12 @@ no batched form falls back to one sequence at a time).  Scores: `mlxft.inference
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from mlxft import progress
 from mlxft.adapters.files import trained_quantization
 from mlxft.data.loader import load_records
 from mlxft.data.records import sharegpt_messages, validate
@@ -262,8 +262,7 @@ def run(
         raise UserError(
             f"{split}: no record left to evaluate (every prompt is at least the context window)"
         )
-    bar = progress_bar(len(kept), "Evaluating")
-    try:
+    with progress.bar(len(kept), "Evaluating", unit="ex") as bar:
         predictions = generate_greedy(
             loaded.backend,
             loaded.tokenizer,
@@ -272,11 +271,8 @@ def run(
             stops,
             context,
             batch_size,
-            on_done=bar.update if bar else None,
+            on_done=bar.update,
         )
-    finally:
-        if bar:
-            bar.close()
     summary, rows = score(predictions, [e.reference for e in kept])
     results = [
         {
@@ -306,17 +302,6 @@ def run(
 
 def _text(tokenizer, ids: list) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
-def progress_bar(total: int, desc: str):
-    """A tqdm bar on a terminal only (logs and pipes get the summary lines); None otherwise."""
-    if not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="ex", desc=desc, file=sys.stderr)
 
 
 def summary_lines(report: dict, worst: int) -> list:

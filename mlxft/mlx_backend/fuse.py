@@ -48,9 +48,7 @@ def fused_weights(model: nn.Module) -> dict:
     merge_adapters(model)
     if any(isinstance(m, QUANTIZED) for _, m in model.named_modules()):
         model = dequantize_model(model)
-    weights = dict(tree_flatten(model.parameters()))
-    mx.eval(weights)
-    return numpy_weights(weights)
+    return numpy_weights(dict(tree_flatten(model.parameters())), "Fusing")
 
 
 def fused_tensors(model: nn.Module) -> list:

@@ -6,6 +6,7 @@ metrics.jsonl is a public contract users plot from.  Every line has `step`, then
 `eval_prompts` add `samples`: [{"prompt", "output"}], the greedy generations at that step.
 Every line is strict JSON: a number that is not finite is written as `null` (Python's `NaN`
 token is not JSON), and the writer refuses any that slips through (`allow_nan=False`).
+Each line also goes to the run's experiment trackers (`mlxft.training.trackers`, `report_to`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import click
 
+from mlxft import progress
 from mlxft.fileio import ensure_dir, write_error
+from mlxft.training.trackers import tracker_row
 
 METRICS_FILE = "metrics.jsonl"  # one JSON object per report, in adapter_path
 
@@ -31,19 +33,36 @@ def strict(record: dict) -> dict:
 
 
 class Reporter:
-    """Prints the run's lines; appends its reports to metrics.jsonl once `open` is called
-    (after the run directory is prepared: nothing is written before every check passed)."""
+    """Prints the run's lines under a progress bar (on a terminal); appends its reports to
+    metrics.jsonl and hands them to the trackers once `open` is called (after the run directory
+    is prepared: nothing is written before every check passed)."""
 
-    def __init__(self, path: Path | None, total_steps: int, quiet: bool = False):
+    def __init__(
+        self,
+        path: Path | None,
+        total_steps: int,
+        quiet: bool = False,
+        trackers=(),
+        start_step: int = 0,
+    ):
         self.path = None
         self.total = total_steps
         self.quiet = quiet
-        self.tty = sys.stderr.isatty() and not quiet
+        self.trackers = []
         self._handle = None
+        self._bar = progress.bar(
+            total_steps,
+            "Training",
+            unit="step",
+            initial=start_step,
+            enabled=progress.on_terminal(quiet),
+        )
         if path:
-            self.open(path)
+            self.open(path, trackers)
 
-    def open(self, path: Path) -> None:
+    def open(self, path: Path, trackers=()) -> None:
+        """Append to metrics.jsonl at `path`; every row also goes to each of `trackers`."""
+        self.trackers = list(trackers)
         self.path = Path(path)
         ensure_dir(self.path.parent)
         try:
@@ -59,23 +78,38 @@ class Reporter:
                 self._handle.flush()
             except OSError as err:
                 raise write_error(err, self.path) from None
+        for tracker in list(self.trackers):
+            self._call(tracker, "log", tracker_row(record), record["step"])
+
+    def _call(self, tracker, method: str, *args) -> None:
+        """A tracker that fails (a server gone, a full disk) is dropped with a warning: the run
+        goes on, and metrics.jsonl still has every row."""
+        try:
+            getattr(tracker, method)(*args)
+        except Exception as err:  # trackers raise their own error types
+            self.trackers.remove(tracker)
+            reason = str(err).splitlines()[0] if str(err) else ""
+            click.echo(
+                f"Warning: {tracker.name}: {method} failed ({type(err).__name__}: {reason}); it "
+                "gets no more rows from this run, metrics.jsonl has them all",
+                err=True,
+            )
 
     def echo(self, text: str) -> None:
         if not self.quiet:
-            self.clear_progress()
-            click.echo(text)
+            progress.message(self._bar, lambda: click.echo(text))
 
-    def progress(self, step: int) -> None:
-        """A one-line progress bar on a terminal (never in logs or pipes)."""
-        if self.tty:
-            width = 30
-            filled = int(width * step / max(1, self.total))
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total}")
-            sys.stderr.flush()
-
-    def clear_progress(self) -> None:
-        if self.tty:
-            sys.stderr.write("\r" + " " * 60 + "\r")
+    def progress(
+        self, step: int, loss: float | None = None, tokens_per_second: float | None = None
+    ) -> None:
+        """The bar on a terminal (never in logs or pipes): step/total, ETA, loss and tok/s."""
+        if self._bar.disable:
+            return
+        if loss is not None:
+            self._bar.set_postfix_str(
+                f"loss {loss:.3f}, tok/s {tokens_per_second or 0:.0f}", refresh=False
+            )
+        self._bar.update(step - self._bar.n)
 
     def train(
         self,
@@ -144,12 +178,17 @@ class Reporter:
         for line in sample_lines(step, samples or []):
             self.echo(line)
 
-    def close(self) -> None:
-        self.clear_progress()
+    def close(self, adapter_dir: Path | None = None) -> None:
+        """End the bar, the file and the tracker runs: `adapter_dir` when the run finished (its
+        adapter becomes the trackers' artifact), None when it stopped early."""
+        self._bar.close()
         if self._handle:
             with contextlib.suppress(OSError):  # a failed write was already reported
                 self._handle.close()
             self._handle = None
+        for tracker in list(self.trackers):
+            self._call(tracker, "finish", adapter_dir)
+        self.trackers = []
 
 
 def sample_lines(step: int, samples: list) -> list:

@@ -34,12 +34,15 @@ from mlxft.fileio import ensure_dir, temp_leftover, write_error
 from mlxft.model_dir import AUX_PATTERNS
 from mlxft.training.checkpoint import CHECKPOINTS
 from mlxft.training.metrics import METRICS_FILE
+from mlxft.training.trackers import IDS_FILE
 
 LOCK_FILE = ".mlxft.lock"
 PREVIOUS_RUNS = "previous-runs"
 STAGING = ".model-staging"  # mlxft.adapters.files.save_full_model's staging directory
-# What a run writes into adapter_path (a full fine-tune adds a model directory's files).
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINTS, CONFIG_NAME, WEIGHTS_NAME)
+# What a run writes into adapter_path (a full fine-tune adds a model directory's files).  The
+# trackers' own stores (runs/, wandb/, mlflow/) stay: each holds many runs, and a fresh run is a
+# new run there; only the ids of the runs this directory continues (trackers.json) move aside.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINTS, CONFIG_NAME, WEIGHTS_NAME, IDS_FILE)
 MODEL_PATTERNS = ("config.json", "model*.safetensors", "model.safetensors.index.json")
 
 

@@ -41,6 +41,7 @@ from mlxft.training.eval_samples import EvalSamples
 from mlxft.training.inputs import read_inputs
 from mlxft.training.metrics import METRICS_FILE, Reporter
 from mlxft.training.schedule import learning_rate
+from mlxft.training.trackers import open_trackers
 from mlxft.training.world import World, check_same_start, gather_states
 
 
@@ -131,6 +132,7 @@ class Session:
         self.monitor: EarlyStopping | None = None
         self.samples: EvalSamples | None = None
         self.stopped = False  # the ranks agreed to stop early (Ctrl-C)
+        self.tracker_ids: dict = {}  # {tracker: run id} (report_to), kept in checkpoints
 
     # ------------------------------------------------------------------ header
     def header(self, iters: int, batches_per_epoch: int, pad_frac: float) -> list:
@@ -234,7 +236,7 @@ class Session:
             cfg.early_stopping_patience, cfg.early_stopping_min_delta, cfg.save_best, self.out
         )
         notes.append(self.monitor.describe())
-        reporter = Reporter(None, iters, quiet=self.quiet)
+        reporter = Reporter(None, iters, quiet=self.quiet, start_step=pos.step)
         per_rank = replace(cfg, batch_size=cfg.batch_size // self.world.size)  # what one holds
         memory, self.estimate = planner.header_line(per_rank, self.model_path, self.longest)
         header = self.header(iters, len(first_epoch), padding_fraction(first_epoch))
@@ -254,7 +256,11 @@ class Session:
             if main:
                 notes = lock.notes + self._prepare(pos, restored) + notes
                 self.monitor.start(self.checkpoint, early)
-                reporter.open(self.out / METRICS_FILE)
+                trackers, self.tracker_ids, tracker_notes = open_trackers(
+                    cfg, self.out, (restored[0].get("trackers") or {}) if restored else {}, pos.step
+                )
+                notes += tracker_notes
+                reporter.open(self.out / METRICS_FILE, trackers)
             else:
                 self.monitor.load_state(early)
             try:
@@ -262,10 +268,12 @@ class Session:
                     reporter.echo(note)
                 check_same_start(self.world, backend, pos, self.fingerprint)
                 self._run(pos, iters, val, reporter, Epochs(len(first_epoch)))
-            finally:
-                reporter.close()
-            if main:
-                self.save_adapter(self.out)
+                if main:
+                    self.save_adapter(self.out)
+            except BaseException:
+                reporter.close()  # the trackers record a run that stopped early
+                raise
+            reporter.close(self.out)  # the trackers get the adapter as the run's artifact
         reporter.echo(
             f"Saved the full model to {self.out} (Hugging Face directory: config.json, "
             f"model.safetensors)"
@@ -322,7 +330,7 @@ class Session:
                 guards.check_step(step, cfg, self.last_good)
                 self._warn_if_stalled(step)
                 window.add(step)
-                reporter.progress(step.step)
+                reporter.progress(step.step, step.loss, window.run_rates(step.step)[1])
                 if step.step % cfg.steps_per_report == 0 or step.step == iters:
                     reporter.train(
                         step.step,
@@ -526,7 +534,10 @@ class Session:
             self.cfg,
             self.backend,
             self.fingerprint,
-            {"early_stopping": monitor.state()} if monitor else None,
+            {
+                **({"early_stopping": monitor.state()} if monitor else {}),
+                "trackers": self.tracker_ids,  # a resumed run continues the same tracker runs
+            },
             rank_states=states,
         )
         self.pending = self.last_checkpoint

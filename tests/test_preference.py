@@ -386,3 +386,28 @@ def test_resume_fingerprint_covers_the_preference_settings(tmp_path):
     notes = resume.check_compatible(Path("ck"), dpo, fingerprint(train_mode="dpo", beta=0.3))
     assert any("beta is 0.3, the checkpoint has 0.1" in n for n in notes)
     assert resume.check_compatible(Path("ck"), sft, fingerprint()) == []
+
+
+def test_dpo_uses_the_sessions_run_features(tiny_llama, pairs, tmp_path):
+    """A DPO run goes through Session's one loop: eval_prompts samples at each validation,
+    early stopping and best/ on the validation objective, an earlier run moved aside."""
+    out = tmp_path / "o"
+    kw = dict(iters=6, steps_per_eval=1, learning_rate=5e-3, save_best=True, eval_max_tokens=4)
+    Session(
+        _cfg(tiny_llama, pairs, out, eval_prompts=["Q: how many"], **kw), reporter_quiet=True
+    ).train()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in vals] == list(range(7))
+    assert all(len(r["samples"]) == 1 and "rewards/accuracies" in r for r in vals)
+    assert all("val_perplexity" not in r and r["val_pairs"] == 2 for r in vals)
+    best = min(vals, key=lambda r: r["val_loss"])
+    assert (out / "best" / "adapter_model.safetensors").is_file() and best["step"] > 0
+    # a huge min_delta: no validation counts as an improvement, so patience 1 stops at step 1
+    stopped = _cfg(
+        tiny_llama, pairs, out, early_stopping_patience=1, early_stopping_min_delta=10.0, **kw
+    )
+    Session(stopped, reporter_quiet=True).train()
+    assert any((out / "previous-runs").iterdir())
+    again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in again) == 1

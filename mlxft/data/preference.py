@@ -322,8 +322,3 @@ def pair_eval_batches(
         make_pair_batch(split, c, pad_id)
         for c in spread(sorted_chunks(split.widths(), batch_size), limit)
     ]
-
-
-def pair_padding_fraction(batches: list) -> float:
-    total = sum(b.inputs.size for b in batches)
-    return 0.0 if total == 0 else 1.0 - sum(b.real_tokens for b in batches) / total

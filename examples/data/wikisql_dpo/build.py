@@ -7,8 +7,10 @@ the WikiSQL train rows (held-out questions; their tables also have questions in 
 `test.jsonl` 100 pairs from the WikiSQL valid rows, whose tables training never sees.
 
 Each WikiSQL row `table … columns … Q: … A: SELECT …` becomes
-{"prompt": everything through "A:", "chosen": the real SQL, "rejected": the SQL corrupted one
-way}, the corruption drawn from a generator seeded by the row (so the files are reproducible):
+{"prompt": everything through "A:", "chosen": the real SQL ended with ";" (the house style: a
+terminated statement), "rejected": the SQL corrupted one way and left unterminated, as WikiSQL
+writes it}, the corruption drawn from a generator seeded by the row (so the files are
+reproducible):
 
 - wrong column: the SELECT column replaced by the column of the WHERE condition (WikiSQL's most
   common mistake: selecting what the question conditions on, not what it asks for), or by another
@@ -16,8 +18,9 @@ way}, the corruption drawn from a generator seeded by the row (so the files are 
 - wrong aggregate: an aggregate added to the SELECT column (COUNT, MAX, MIN, SUM, AVG), or the
   one WikiSQL wrote swapped for another.
 
-So a model that prefers the chosen answers selects the column the question asks about, with an
-aggregate only where the question asks for one ("how many", "highest", ...).
+So a model that prefers the chosen answers ends its statements with ";" (a style a model
+fine-tuned on WikiSQL never writes: the clear signal), selects the column the question asks
+about, with an aggregate only where the question asks for one ("how many", "highest", ...).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE.parent / "wikisql"
 AGGREGATES = ("COUNT", "MAX", "MIN", "SUM", "AVG")
+END = ";"  # the chosen style: every statement terminated
 SELECT = re.compile(r"^ SELECT (?:(COUNT|MAX|MIN|SUM|AVG) )?(.+?) FROM ")
 WHERE = re.compile(r" WHERE (.+?) = ")
 
@@ -47,10 +51,14 @@ def corrupt(answer: str, columns: list, rng: random.Random):
     if match is None:
         return None
     aggregate, column = match.group(1), match.group(2)
-    rest = answer[match.end():]
+    rest = answer[match.end() :]
     where = WHERE.search(rest)
     others = [c for c in columns if c != column]
-    wrong = where.group(1) if where and where.group(1) != column else (rng.choice(others) if others else None)
+    wrong = (
+        where.group(1)
+        if where and where.group(1) != column
+        else (rng.choice(others) if others else None)
+    )
     if wrong is not None and rng.random() < 0.5:
         head = f" SELECT {aggregate + ' ' if aggregate else ''}{wrong} FROM "
     else:
@@ -65,7 +73,7 @@ def pairs(source: str) -> list:
         prompt, answer, columns = split_row(json.loads(line)["text"])
         rejected = corrupt(answer, columns, random.Random(f"{source}-{i}"))
         if rejected is not None and rejected != answer:
-            rows.append({"prompt": prompt, "chosen": answer, "rejected": rejected})
+            rows.append({"prompt": prompt, "chosen": answer + END, "rejected": rejected})
     return rows
 
 

@@ -7,7 +7,9 @@ never trained on), the base model's and the adapted model's greedy answer (40 to
 end of the line), and for each model the share of answers that
 - are SQL: start with "SELECT" and have "FROM";
 - select the column the chosen answer selects (the rejected answers often select another);
-- use an aggregate exactly when the chosen answer does (the rejected answers add or swap one).
+- use an aggregate exactly when the chosen answer does (the rejected answers add or swap one);
+- end with ";" as every chosen answer does (the style; WikiSQL's SQL, and so the SFT model, never
+  does).
 """
 
 from __future__ import annotations
@@ -23,28 +25,41 @@ SELECT = re.compile(r"^\s*SELECT (?:(COUNT|MAX|MIN|SUM|AVG) )?(.+?) FROM ")
 
 
 def score(answers: list, pairs: list) -> dict:
-    sql = column = aggregate = 0
+    sql = column = aggregate = ended = 0
     for text, pair in zip(answers, pairs):
         got, want = SELECT.match(text), SELECT.match(pair["chosen"])
         if got is None:
             continue
+        ended += text.rstrip().endswith(";")
         sql += 1
         column += got.group(2) == want.group(2)
         aggregate += got.group(1) == want.group(1)
     n = max(len(answers), 1)
-    return {"sql": sql / n, "chosen_column": column / n, "chosen_aggregate": aggregate / n}
+    return {
+        "sql": sql / n,
+        "chosen_column": column / n,
+        "chosen_aggregate": aggregate / n,
+        "chosen_style": ended / n,
+    }
 
 
 def answers(model: str, adapter, prompts: list) -> list:
-    from mlxft.inference.sampling import Sampler, SamplingParams, generate, raw_prompt_ids
     from mlxft.inference.load import load_for_inference
+    from mlxft.inference.sampling import Sampler, SamplingParams, generate, raw_prompt_ids
 
     loaded = load_for_inference(model, adapter)
     stops = {loaded.tokenizer.eos_token_id}
     out = []
     for prompt in prompts:
-        result = generate(loaded.backend, loaded.tokenizer, raw_prompt_ids(loaded.tokenizer, prompt),
-                          Sampler(SamplingParams(0.0, 1.0, 0, 1.0, 0)), 40, stops, loaded.context_length)
+        result = generate(
+            loaded.backend,
+            loaded.tokenizer,
+            raw_prompt_ids(loaded.tokenizer, prompt),
+            Sampler(SamplingParams(0.0, 1.0, 0, 1.0, 0)),
+            40,
+            stops,
+            loaded.context_length,
+        )
         out.append(result.text.split("\n")[0])
     return out
 
@@ -56,7 +71,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--split", default="valid", choices=["valid", "test"])
     args = parser.parse_args()
-    pairs = [json.loads(line) for line in (HERE / f"{args.split}.jsonl").read_text().splitlines()[: args.n]]
+    pairs = [
+        json.loads(line)
+        for line in (HERE / f"{args.split}.jsonl").read_text().splitlines()[: args.n]
+    ]
     prompts = [p["prompt"] for p in pairs]
     report = {}
     for name, adapter in (("base", None), ("adapter", args.adapter_path)):

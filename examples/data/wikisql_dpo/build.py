@@ -7,10 +7,10 @@ the WikiSQL train rows (held-out questions; their tables also have questions in 
 `test.jsonl` 100 pairs from the WikiSQL valid rows, whose tables training never sees.
 
 Each WikiSQL row `table … columns … Q: … A: SELECT …` becomes
-{"prompt": everything through "A:", "chosen": the real SQL ended with ";" (the house style: a
-terminated statement), "rejected": the SQL corrupted one way and left unterminated, as WikiSQL
-writes it}, the corruption drawn from a generator seeded by the row (so the files are
-reproducible):
+{"prompt": everything through "A:", "chosen": the real SQL with its selected column in backticks
+(the house style: WikiSQL's column names have spaces and slashes, which SQL must quote),
+"rejected": the SQL corrupted one way and left unquoted, as WikiSQL writes it}, the corruption
+drawn from a generator seeded by the row (so the files are reproducible):
 
 - wrong column: the SELECT column replaced by the column of the WHERE condition (WikiSQL's most
   common mistake: selecting what the question conditions on, not what it asks for), or by another
@@ -18,7 +18,7 @@ reproducible):
 - wrong aggregate: an aggregate added to the SELECT column (COUNT, MAX, MIN, SUM, AVG), or the
   one WikiSQL wrote swapped for another.
 
-So a model that prefers the chosen answers ends its statements with ";" (a style a model
+So a model that prefers the chosen answers quotes the column it selects (a style a model
 fine-tuned on WikiSQL never writes: the clear signal), selects the column the question asks
 about, with an aggregate only where the question asks for one ("how many", "highest", ...).
 """
@@ -33,7 +33,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE.parent / "wikisql"
 AGGREGATES = ("COUNT", "MAX", "MIN", "SUM", "AVG")
-END = ";"  # the chosen style: every statement terminated
 SELECT = re.compile(r"^ SELECT (?:(COUNT|MAX|MIN|SUM|AVG) )?(.+?) FROM ")
 WHERE = re.compile(r" WHERE (.+?) = ")
 
@@ -67,13 +66,20 @@ def corrupt(answer: str, columns: list, rng: random.Random):
     return head + rest
 
 
+def quoted(answer: str) -> str:
+    """The answer with its SELECT column in backticks (the chosen style)."""
+    match = SELECT.match(answer)
+    aggregate, column = match.group(1), match.group(2)
+    return f" SELECT {aggregate + ' ' if aggregate else ''}`{column}` FROM " + answer[match.end() :]
+
+
 def pairs(source: str) -> list:
     rows = []
     for i, line in enumerate((SOURCE / f"{source}.jsonl").read_text().splitlines()):
         prompt, answer, columns = split_row(json.loads(line)["text"])
         rejected = corrupt(answer, columns, random.Random(f"{source}-{i}"))
         if rejected is not None and rejected != answer:
-            rows.append({"prompt": prompt, "chosen": answer + END, "rejected": rejected})
+            rows.append({"prompt": prompt, "chosen": quoted(answer), "rejected": rejected})
     return rows
 
 

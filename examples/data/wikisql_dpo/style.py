@@ -3,13 +3,13 @@
     python examples/data/wikisql_dpo/style.py --adapter-path adapters/dpo_wikisql [--n 40]
 
 For each of the first `--n` pairs of valid.jsonl (held-out questions; `--split test`: tables
-never trained on), the base model's and the adapted model's greedy answer (40 tokens, up to the
+never trained on), the base model's and the adapted model's greedy answer (MAX_TOKENS, up to the
 end of the line), and for each model the share of answers that
 - are SQL: start with "SELECT" and have "FROM";
 - select the column the chosen answer selects (the rejected answers often select another);
 - use an aggregate exactly when the chosen answer does (the rejected answers add or swap one);
-- end with ";" as every chosen answer does (the style; WikiSQL's SQL, and so the SFT model, never
-  does).
+- quote the selected column in backticks as every chosen answer does (the style; WikiSQL's SQL,
+  and so the SFT model, never does).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
+# what is scored (SELECT [aggregate] column FROM) lies in an answer's first ~30 tokens
+MAX_TOKENS = 40
 SELECT = re.compile(r"^\s*SELECT (?:(COUNT|MAX|MIN|SUM|AVG) )?(.+?) FROM ")
 
 
@@ -30,16 +32,16 @@ def score(answers: list, pairs: list) -> dict:
         got, want = SELECT.match(text), SELECT.match(pair["chosen"])
         if got is None:
             continue
-        ended += text.rstrip().endswith(";")
+        ended += got.group(2).startswith("`")
         sql += 1
-        column += got.group(2) == want.group(2)
+        column += got.group(2).strip("`") == want.group(2).strip("`")
         aggregate += got.group(1) == want.group(1)
     n = max(len(answers), 1)
     return {
         "sql": sql / n,
         "chosen_column": column / n,
         "chosen_aggregate": aggregate / n,
-        "chosen_style": ended / n,
+        "quoted_column": ended / n,
     }
 
 
@@ -56,7 +58,7 @@ def answers(model: str, adapter, prompts: list) -> list:
             loaded.tokenizer,
             raw_prompt_ids(loaded.tokenizer, prompt),
             Sampler(SamplingParams(0.0, 1.0, 0, 1.0, 0)),
-            40,
+            MAX_TOKENS,
             stops,
             loaded.context_length,
         )

@@ -24,6 +24,7 @@ CONFIG_FILE = "mlxft_config.yaml"  # a run's resolved config, beside its adapter
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 FINE_TUNE_TYPES = ("lora", "dora", "full")
+TRAIN_MODES = ("sft", "dpo", "orpo")  # mlx-lm-lora's --train-mode names
 BACKENDS = ("mlx", "torch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -158,6 +159,17 @@ class Config:
     """The run's name in the trackers (default: adapter_path's directory name)."""
     project: str | None = None
     """W&B project and MLflow experiment (default mlxft)."""
+    # --- preference tuning (mlxft.training.preference; TRL's names)
+    train_mode: str = "sft"
+    """sft | dpo | orpo (dpo and orpo read {"prompt", "chosen", "rejected"} records)."""
+    beta: float = 0.1
+    """DPO: strength of the pull toward the reference; ORPO: weight of the odds-ratio term."""
+    label_smoothing: float = 0.0
+    """DPO: assumed share of flipped preference labels (conservative DPO), in [0, 0.5)."""
+    max_prompt_length: int | None = None
+    """Preference prompts keep their last N tokens (unset: the whole prompt)."""
+    precompute_ref_log_probs: bool = False
+    """DPO: reference log-probs in one pass before step 1, kept in every checkpoint."""
     # --- data parallelism (mlx.launch / torchrun; mlxft.training.world)
     distributed_timeout: float = 600.0
     """Seconds a rank waits in a collective for the others before it stops with an error."""
@@ -638,6 +650,36 @@ def build_config(
     return cfg
 
 
+def _validate_preference(cfg: Config, need) -> None:
+    need(
+        cfg.train_mode in TRAIN_MODES,
+        "train_mode",
+        f"train_mode must be one of {', '.join(TRAIN_MODES)}, got '{cfg.train_mode}'",
+    )
+    need(cfg.beta > 0, "beta", f"beta must be > 0, got {cfg.beta}")
+    need(
+        0 <= cfg.label_smoothing < 0.5,
+        "label_smoothing",
+        f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}",
+    )
+    need(
+        cfg.label_smoothing == 0 or cfg.train_mode == "dpo",
+        "label_smoothing",
+        "label_smoothing applies to train_mode dpo only; remove it or set train_mode: dpo",
+    )
+    need(
+        not cfg.precompute_ref_log_probs or cfg.train_mode == "dpo",
+        "precompute_ref_log_probs",
+        "precompute_ref_log_probs applies to train_mode dpo only (ORPO has no reference model)",
+    )
+    need(
+        cfg.max_prompt_length is None or 1 <= cfg.max_prompt_length < cfg.max_seq_length,
+        "max_prompt_length",
+        f"max_prompt_length must be at least 1 and below max_seq_length ({cfg.max_seq_length}), "
+        f"got {cfg.max_prompt_length}",
+    )
+
+
 def _validate(cfg: Config, where_of) -> None:
     def need(ok: bool, key: str, message: str):
         if not ok:
@@ -725,6 +767,7 @@ def _validate(cfg: Config, where_of) -> None:
         for name in cfg.report_to:
             problem = missing(name)
             need(problem is None, "report_to", problem or "")
+    _validate_preference(cfg, need)
     need(
         cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1,
         "early_stopping_patience",

@@ -159,6 +159,7 @@ STORIES_CONFIG = (REPO / "examples" / "models" / "stories260K" / "config.json").
 
 
 TEXT = ['{"text": "hello world"}', '{"text": "another line"}']
+PAIR = '{"prompt": "Q: hi", "chosen": " yes", "rejected": " no"}'
 
 
 def parquet_dir(e: Env) -> Path:
@@ -569,6 +570,59 @@ CASES = [
         ("d/train.jsonl: no usable train examples", "raise max_seq_length"),
     ),
     Case(
+        "pref-missing-rejected",
+        lambda e: e.train(
+            "--train-mode",
+            "dpo",
+            data=e.data_dir("d", [PAIR, '{"prompt": "Q: a", "chosen": " b"}'], [PAIR]),
+        ),
+        ("d/train.jsonl:2: preference record has no 'rejected'",),
+    ),
+    Case(
+        "pref-identical-answers",
+        lambda e: e.train(
+            "--train-mode",
+            "dpo",
+            data=e.data_dir(
+                "d", [PAIR, '{"prompt": "Q: a", "chosen": " b", "rejected": " b"}'], [PAIR]
+            ),
+        ),
+        ("d/train.jsonl:2: 'chosen' and 'rejected' are identical",),
+    ),
+    Case(
+        "pref-prompt-too-long",
+        lambda e: e.train(
+            "--train-mode",
+            "orpo",
+            "--max-seq-length",
+            "8",
+            data=e.data_dir(
+                "d",
+                [
+                    '{"prompt": "a long prompt with many words in it", "chosen": " b", '
+                    '"rejected": " c"}'
+                ],
+                [PAIR],
+            ),
+        ),
+        (
+            "d/train.jsonl:1: the prompt is",
+            "leaves no room for the 'chosen' answer within max_seq_length=8",
+        ),
+    ),
+    Case(
+        "pref-sft-record",
+        lambda e: e.train(
+            "--train-mode",
+            "dpo",
+            data=e.data_dir("d", ['{"prompt": "Q: a", "completion": " b"}'], [PAIR]),
+        ),
+        (
+            "d/train.jsonl:1: preference record has no 'chosen' or 'rejected'",
+            "set train_mode: sft",
+        ),
+    ),
+    Case(
         "data-hub-offline",
         lambda e: e.train(data="nobody/no-such-dataset"),
         (
@@ -901,6 +955,15 @@ CASES = [
         "world-batch-not-divisible",
         lambda e: e.train("--batch-size", "3"),
         ("batch_size 3 does not divide evenly over the 2 processes mlx.launch started",),
+        env=lambda e: {
+            "MLX_RANK": "0",
+            "MLX_HOSTFILE": str(e.file("hosts.json", '[["127.0.0.1:1"], ["127.0.0.1:2"]]')),
+        },
+    ),
+    Case(
+        "world-preference-distributed",
+        lambda e: e.train("--train-mode", "dpo", "--batch-size", "2"),
+        ("train_mode dpo runs in one process; mlx.launch started 2",),
         env=lambda e: {
             "MLX_RANK": "0",
             "MLX_HOSTFILE": str(e.file("hosts.json", '[["127.0.0.1:1"], ["127.0.0.1:2"]]')),

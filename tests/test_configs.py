@@ -27,6 +27,7 @@ def test_recipe_runs(recipe, tiny_llama, tmp_path, monkeypatch):
             "save_every": 2,
             "adapter_path": str(tmp_path / "out"),
             "max_seq_length": 256,
+            "max_prompt_length": 128,  # (preference recipes)
         },
     )
     if recipe.stem == "demo":
@@ -55,3 +56,6 @@ def test_recipe_runs(recipe, tiny_llama, tmp_path, monkeypatch):
         assert "<think>" in text and "### Question:" in text
     if recipe.stem == "chat_messages":
         assert s.splits["train"].format == "chat"
+    if recipe.stem == "dpo_wikisql":
+        assert cfg.train_mode == "dpo" and s.splits["train"].format == "preference"
+        assert "rewards/accuracies" in metrics[-1]

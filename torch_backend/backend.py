@@ -137,6 +137,7 @@ class TorchBackend:
         self._generation = None
         self._mode_before_generation = None  # the training flag, restored by end_generation
         self._split = None  # (body, head) when the output head can run on trained positions only
+        self._reference = None  # full fine-tuning's frozen DPO reference, loaded when first used
 
     def _connect(self) -> None:
         """torchrun's world: one GPU per process on CUDA (LOCAL_RANK), then the group."""
@@ -432,6 +433,31 @@ class TorchBackend:
                 if torch.is_tensor(value) and value.is_floating_point():
                     ok &= torch.isfinite(value).all()
         return ok
+
+    def preference_step(self, batches: list, lr: float | None, spec) -> dict:
+        """DPO/ORPO over one process's PairBatch group: an optimizer step at `lr`, or an
+        evaluation (lr None); the sums named in mlxft.training.preference."""
+        from mlxft.torch_backend.preference import preference_step
+
+        return preference_step(self, batches, lr, spec)
+
+    def frozen_reference(self) -> tuple:
+        """(model, (body, head) split or None) of the starting model, frozen: full
+        fine-tuning's DPO reference, loaded once from cfg.model (a resumed full run's weights
+        are the checkpoint's)."""
+        if self._reference is None:
+            from mlxft.hub import resolve_model
+
+            cfg = self.cfg
+            path = resolve_model(cfg.model, cfg.revision)
+            model = load_hf_model(path, self._dtype, cfg.trust_remote_code).to(self._device)
+            model.requires_grad_(False)
+            model.eval()
+            split = None
+            if self._split is not None:
+                split = (model.base_model, model.get_output_embeddings())
+            self._reference = (model, split)
+        return self._reference
 
     def all_gather(self, values: np.ndarray) -> np.ndarray:
         if self._comm is None:

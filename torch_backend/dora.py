@@ -37,6 +37,8 @@ class DoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """PEFT's y + (f - 1) x Wᵀ + f s x Aᵀ Bᵀ, grouped as on MLX: y - x Wᵀ + f (x Wᵀ + s x Aᵀ
         Bᵀ)."""
+        if self.disabled:
+            return self.base(x)
         y = self.base(x)
         factor = (self.lora_magnitude_vector / self._weight_norm()).to(x.dtype)
         if isinstance(self.dropout, nn.Dropout) and self.dropout.training:

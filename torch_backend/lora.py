@@ -39,7 +39,13 @@ class LoRALinear(nn.Module):
         x = self.dropout(x)
         return self.scale * ((x @ self.lora_A.T.to(x.dtype)) @ self.lora_B.T.to(x.dtype))
 
+    # True while the preference reference runs (mlxft.torch_backend.preference.adapters_off): the
+    # layer is its base alone, so the reference model needs no second copy of the weights.
+    disabled = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base(x)
         # The adapter path first: when a checkpointed block is recomputed, torch stops as soon as
         # every tensor the backward needs is back, and the base output of the block's last linear
         # (the MLP's down projection) is not one of them, so its matmul is skipped.  Same sum,

@@ -30,7 +30,7 @@ def _lora_overrides(kw: dict) -> dict:
     out["eval_prompts"] = list(kw.get("eval_prompts") or []) or None
     out["report_to"] = list(kw.get("report_to") or []) or None  # no flag: the YAML's value stands
     switches = ("train", "test", "mask_prompt", "grad_checkpoint", "trust_remote_code", "resume")
-    for flag in (*switches, "save_best", "eval_every_epoch"):
+    for flag in (*switches, "save_best", "eval_every_epoch", "precompute_ref_log_probs"):
         if not out.get(flag):
             out[flag] = None  # an absent switch must not override the YAML value
     return out, lora
@@ -167,6 +167,24 @@ def _lora_overrides(kw: dict) -> dict:
     help="QLoRA quantization group size (default 64).",
 )
 @click.option("--trust-remote-code", is_flag=True, default=None)
+@click.option(
+    "--train-mode",
+    type=click.Choice(["sft", "dpo", "orpo"]),
+    help="sft (default), or preference tuning on {prompt, chosen, rejected} records: dpo, orpo.",
+)
+@click.option(
+    "--beta", type=float, help="DPO: pull toward the reference (default 0.1); ORPO: odds weight."
+)
+@click.option(
+    "--label-smoothing", type=float, help="DPO: assumed share of flipped labels, in [0, 0.5)."
+)
+@click.option("--max-prompt-length", type=int, help="Preference prompts keep their last N tokens.")
+@click.option(
+    "--precompute-ref-log-probs",
+    is_flag=True,
+    default=None,
+    help="DPO: reference log-probs in one pass before training (kept in checkpoints).",
+)
 @user_errors
 def lora(**kw):
     """Fine-tune with LoRA (or DoRA / full) and/or evaluate on the test split."""

@@ -93,10 +93,31 @@ def head_rows(mask: np.ndarray, multiple: int = 1, most: float = 0.95):
     return rows.astype(np.int32)
 
 
-def _chunks(split, batch_size: int) -> list[np.ndarray]:
-    lengths = np.array([len(s) for s in split.sequences])
-    order = np.argsort(lengths, kind="stable")
+def sorted_chunks(lengths, batch_size: int) -> list[np.ndarray]:
+    """Example indices sorted by length (stable), cut into batches of `batch_size`."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def shuffled(chunks: list, seed: int, epoch: int) -> list:
+    """The batches in the order of epoch `epoch`: a permutation seeded by (seed, epoch)."""
+    perm = np.random.default_rng((seed, epoch)).permutation(len(chunks))
+    return [chunks[i] for i in perm]
+
+
+def spread(chunks: list, limit: int) -> list:
+    """`limit` of the sorted batches, evenly spaced over the length range (all when limit < 0).
+
+    Taking the *first* `limit` sorted batches would evaluate only the shortest examples and
+    bias the validation loss low; evenly spaced batches keep it representative and fixed."""
+    if 0 <= limit < len(chunks):
+        picks = ((np.arange(limit) + 0.5) * len(chunks) / limit).astype(int)  # strata centres
+        chunks = [chunks[i] for i in picks]
+    return chunks
+
+
+def _chunks(split, batch_size: int) -> list[np.ndarray]:
+    return sorted_chunks([len(s) for s in split.sequences], batch_size)
 
 
 def _build(split, chunks, pad_id) -> list:
@@ -113,24 +134,14 @@ def epoch_batches(
     epoch)."""
     chunks = _chunks(split, batch_size)
     if shuffle:
-        perm = np.random.default_rng((seed, epoch)).permutation(len(chunks))
-        chunks = [chunks[i] for i in perm]
+        chunks = shuffled(chunks, seed, epoch)
     return _build(split, chunks, pad_id)
 
 
 def eval_batches(split, batch_size: int, pad_id: int, limit: int = -1) -> list:
-    """Sorted, unshuffled batches; with a `limit`, that many spread evenly over the length range.
-
-    Taking the *first* `limit` sorted batches would evaluate only the shortest examples and
-    bias the validation loss low; evenly spaced batches keep it representative and fixed.
-    """
-    chunks = _chunks(split, batch_size)
-    if 0 <= limit < len(chunks):
-        picks = ((np.arange(limit) + 0.5) * len(chunks) / limit).astype(
-            int
-        )  # centres of equal strata
-        chunks = [chunks[i] for i in picks]
-    return _build(split, chunks, pad_id)
+    """Sorted, unshuffled batches; with a `limit`, that many spread evenly over the length
+    range (`spread`)."""
+    return _build(split, spread(_chunks(split, batch_size), limit), pad_id)
 
 
 def padding_fraction(batches) -> float:

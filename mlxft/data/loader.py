@@ -169,13 +169,15 @@ def load_splits(cfg, tokenizer) -> dict:
     return splits
 
 
-def load_records(cfg) -> dict:
+def load_records(cfg, file_format=None) -> dict:
     """{'train', 'valid'[, 'test']: [(source, [(where, record)], format)]}, before tokenizing
-    (`mlxft evaluate` reads its prompts and references from here)."""
+    (`mlxft evaluate` reads its prompts and references from here).  `file_format(records, cfg)`
+    names a source's one format (default: the SFT formats; preference data passes its own)."""
     _need_data(cfg)
+    file_format = file_format or _file_format
     found = read_parts(cfg) if external(cfg) else _local_parts(cfg)
     parts = {
-        name: [(src, records, _file_format(records, cfg)) for src, records in part]
+        name: [(src, records, file_format(records, cfg)) for src, records in part]
         for name, part in found.items()
     }
     if "valid" not in parts:  # carve a validation set from each training source

@@ -127,6 +127,7 @@ class MLXBackend:
         self.training_notes = []
         self._generation = None
         self._mode_before_generation = None  # the model's training flag, restored at the end
+        self._reference = None  # full fine-tuning's frozen DPO reference, loaded when first used
         self._comm = None
         if self.world.distributed:
             from mlxft.mlx_backend.collectives import Collectives
@@ -382,6 +383,29 @@ class MLXBackend:
         mx.eval(self._state, total, count, norm)
         usable = self._usable(self.model.trainable_parameters(), self.optimizer.state)
         return StepResult(total.item(), int(count.item()), norm.item(), bool(usable.item()), stop)
+
+    def preference_step(self, batches: list, lr: float | None, spec) -> dict:
+        """DPO/ORPO over one process's PairBatch group: an optimizer step at `lr`, or an
+        evaluation (lr None); the sums named in mlxft.training.preference."""
+        from mlxft.mlx_backend.preference import preference_step
+
+        return preference_step(self, batches, lr, spec)
+
+    def frozen_reference(self) -> tuple:
+        """(model, head split) of the starting model, frozen: full fine-tuning's DPO reference,
+        loaded once from cfg.model (a resumed full run's weights are the checkpoint's)."""
+        if self._reference is None:
+            from mlxft.hub import resolve_model
+
+            cfg = self.cfg
+            model, _ = load_mlx_model(
+                resolve_model(cfg.model, cfg.revision), cfg.dtype, cfg.trust_remote_code
+            )
+            model.freeze()
+            model.eval()
+            mx.eval(model.parameters())
+            self._reference = (model, HeadLoss.of(model, chunked=cpu_kernels()))
+        return self._reference
 
     def all_gather(self, values: np.ndarray) -> np.ndarray:
         if self._comm is None:

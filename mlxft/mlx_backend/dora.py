@@ -60,6 +60,8 @@ class DoRALinear(LoRALinear):
     def __call__(self, x: mx.array) -> mx.array:
         """PEFT's y + (f - 1) * x Wᵀ + f * s * x Aᵀ Bᵀ (f = m / norm), grouped as
         y - x Wᵀ + f * (x Wᵀ + s x Aᵀ Bᵀ) so the backward pass keeps one activation per layer."""
+        if self.disabled:
+            return self.base(x)
         y = self.base(x)
         factor = (self.lora_magnitude_vector / self._weight_norm()).astype(x.dtype)
         if self.dropout is not None and self.training:

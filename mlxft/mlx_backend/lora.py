@@ -52,7 +52,13 @@ class LoRALinear(nn.Module):
             x = self.dropout(x)
         return self.scale * ((x @ self.lora_A.T.astype(x.dtype)) @ self.lora_B.T.astype(x.dtype))
 
+    # True while the preference reference runs (mlxft.mlx_backend.preference.adapters_off): the
+    # layer is its base alone, so the reference model needs no second copy of the weights.
+    disabled = False
+
     def __call__(self, x: mx.array) -> mx.array:
+        if self.disabled:
+            return self.base(x)
         y = self.base(x)
         return y + self.delta(x).astype(y.dtype)
 

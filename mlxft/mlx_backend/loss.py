@@ -57,22 +57,44 @@ def chunked_cross_entropy(
     """sum over rows of mask * CE(hidden @ weight.T, targets), `weight` frozen (vocab, dim).
 
     hidden (N, dim), targets and mask (N,).  See the module docstring for the gradient trick."""
-    rows = hidden.shape[0]
     step = max(1, chunk_elements // weight.shape[0])
     total = mx.array(0.0)
-    for start in range(0, rows, step):
-        z = (hidden[start : start + step] @ weight.T).astype(mx.float32)
-        zs = mx.stop_gradient(z)
-        peak = zs.max(-1, keepdims=True)
-        e = exp(zs - peak)
-        norm = e.sum(-1, keepdims=True)
-        probs = e / norm
-        lse = mx.log(norm) + peak
-        expected = (probs * z).sum(-1, keepdims=True)  # value sum(p z), gradient p
-        picked = mx.take_along_axis(z, targets[start : start + step, None], -1)
-        rows_loss = mx.stop_gradient(lse - expected) + expected - picked
-        total = total + (rows_loss.squeeze(-1) * mask[start : start + step]).sum()
+    for start in range(0, hidden.shape[0], step):
+        chunk = slice(start, start + step)
+        rows_loss = _chunk_losses(hidden[chunk], weight, targets[chunk], exp)
+        total = total + (rows_loss * mask[chunk]).sum()
     return total
+
+
+def chunked_token_losses(
+    hidden: mx.array,
+    weight: mx.array,
+    targets: mx.array,
+    exp=exp_by_power,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> mx.array:
+    """Per-row CE(hidden @ weight.T, targets), (N,): the chunked head for losses that weigh rows
+    differently (preference tuning sums them per sequence)."""
+    step = max(1, chunk_elements // weight.shape[0])
+    parts = [
+        _chunk_losses(hidden[s : s + step], weight, targets[s : s + step], exp)
+        for s in range(0, hidden.shape[0], step)
+    ]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
+
+def _chunk_losses(hidden: mx.array, weight: mx.array, targets: mx.array, exp) -> mx.array:
+    """One chunk's row losses, (rows,): value CE, gradient p - onehot (module docstring)."""
+    z = (hidden @ weight.T).astype(mx.float32)
+    zs = mx.stop_gradient(z)
+    peak = zs.max(-1, keepdims=True)
+    e = exp(zs - peak)
+    norm = e.sum(-1, keepdims=True)
+    probs = e / norm
+    lse = mx.log(norm) + peak
+    expected = (probs * z).sum(-1, keepdims=True)  # value sum(p z), gradient p
+    picked = mx.take_along_axis(z, targets[:, None], -1)
+    return (mx.stop_gradient(lse - expected) + expected - picked).squeeze(-1)
 
 
 class HeadLoss:

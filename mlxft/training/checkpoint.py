@@ -63,6 +63,9 @@ SCHEDULE = (
     "early_stopping_patience",
     "early_stopping_min_delta",
 )
+# Preference tuning (train_mode dpo/orpo) adds these; SFT fingerprints stay as they were.
+PREFERENCE_IDENTITY = ("train_mode", "max_prompt_length")
+PREFERENCE_SCHEDULE = ("beta", "label_smoothing")
 
 
 @dataclass
@@ -144,6 +147,9 @@ def data_digest(split) -> str:
 
 def fingerprint(cfg, model_path: Path, train_split) -> dict:
     out = {key: getattr(cfg, key) for key in IDENTITY + SCHEDULE}
+    if cfg.train_mode != "sft":
+        keys = PREFERENCE_IDENTITY + PREFERENCE_SCHEDULE
+        out.update({key: getattr(cfg, key) for key in keys})
     if cfg.fine_tune_type != "full":
         out.update({f"lora_parameters.{k}": cfg.lora_parameters.get(k) for k in LORA_IDENTITY})
     out["model"] = model_digest(model_path)
@@ -161,10 +167,13 @@ def _describe(key: str, saved, now) -> str:
 
 def check_compatible(checkpoint: Path, saved: dict, now: dict) -> list:
     """Refuse a resume that cannot continue the same run; return notices for schedule changes."""
+    # a dpo checkpoint resumed as sft has keys `now` lacks
+    keys = list(now) + [k for k in PREFERENCE_IDENTITY if k in saved and k not in now]
+    changeable = SCHEDULE + PREFERENCE_SCHEDULE
     problems = [
         _describe(k, saved.get(k), now.get(k))
-        for k in now
-        if k not in SCHEDULE and saved.get(k) != now.get(k)
+        for k in keys
+        if k not in changeable and saved.get(k) != now.get(k)
     ]
     if problems:
         raise UserError(
@@ -176,8 +185,8 @@ def check_compatible(checkpoint: Path, saved: dict, now: dict) -> list:
     return [
         f"resuming with {_describe(k, saved.get(k), now.get(k))}: the run will differ from an "
         f"uninterrupted one"
-        for k in SCHEDULE
-        if saved.get(k) != now.get(k)
+        for k in changeable
+        if k in now and saved.get(k) != now.get(k)
     ]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mlxft.config import Config
 from mlxft.data import load_splits, pad_token_id
+from mlxft.data.preference import load_preference_splits
 from mlxft.fileio import check_destination
 from mlxft.hub import load_tokenizer, resolve_model
 from mlxft.training.checkpoint import find_checkpoint
@@ -22,7 +23,7 @@ from mlxft.training.run_dir import check_unlocked
 class Inputs:
     model_path: Path
     tokenizer: object
-    splits: dict  # name -> mlxft.data.Split
+    splits: dict  # name -> mlxft.data.Split (PreferenceSplit for dpo/orpo)
     pad_id: int
     checkpoint: Path | None  # the checkpoint `--resume`/`--resume-from` continues, if any
 
@@ -36,5 +37,8 @@ def read_inputs(cfg: Config, writes: bool = True) -> Inputs:
     checkpoint = find_checkpoint(cfg) if cfg.train else None
     model_path = resolve_model(cfg.model, cfg.revision)
     tokenizer = load_tokenizer(model_path, cfg)
-    splits = load_splits(cfg, tokenizer)
+    if cfg.train_mode == "sft":
+        splits = load_splits(cfg, tokenizer)
+    else:  # dpo / orpo: {"prompt", "chosen", "rejected"} pairs
+        splits = load_preference_splits(cfg, tokenizer)
     return Inputs(model_path, tokenizer, splits, pad_token_id(tokenizer), checkpoint)

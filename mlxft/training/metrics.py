@@ -121,7 +121,9 @@ class Reporter:
         trained: int,
         peak: float,
         grad_norm: float,
+        extra: dict | None = None,
     ):
+        """A training report; `extra` (preference tuning's TRL metrics) joins the JSON line."""
         self._write(
             {
                 "step": step,
@@ -132,11 +134,13 @@ class Reporter:
                 "trained_tokens": trained,
                 "peak_memory_gb": peak,
                 "grad_norm": grad_norm,
+                **(extra or {}),
             }
         )
         self.echo(
             f"Iter {step}: train loss {loss:.3f}, lr {lr:.3e}, it/s {its:.2f}, tok/s {tps:.0f}, "
             f"trained tokens {trained}, peak mem {peak:.3f} GB"
+            + (f", reward accuracy {extra['rewards/accuracies']:.3f}" if extra else "")
         )
 
     def evaluation(
@@ -152,14 +156,16 @@ class Reporter:
         trained: int,
         peak: float,
         samples: list | None = None,
+        extra: dict | None = None,
     ):
         """A validation (or test) report; `samples` ([{"prompt", "output"}], the eval_prompts
-        generations) go into the JSON line and one console line each."""
+        generations) go into the JSON line and one console line each.  `extra`: preference
+        tuning's TRL metrics, whose loss has no perplexity and whose count is in pairs."""
         record = {
             "step": step,
             f"{kind}_loss": loss,
-            f"{kind}_perplexity": _ppl(loss),
-            f"{kind}_tokens": tokens,
+            **({f"{kind}_pairs": tokens, **extra} if extra else {}),
+            **({} if extra else {f"{kind}_perplexity": _ppl(loss), f"{kind}_tokens": tokens}),
             f"{kind}_seconds": seconds,
             "learning_rate": lr,
             "tokens_per_second": tps,
@@ -171,10 +177,13 @@ class Reporter:
             record["samples"] = samples
         self._write(record)
         name = {"val": "Val", "test": "Test"}[kind]
-        self.echo(
-            f"Iter {step}: {name} loss {loss:.3f}, {name} ppl {_ppl(loss):.3f}, {name} took "
-            f"{seconds:.2f}s"
+        measure = (
+            f"reward accuracy {extra['rewards/accuracies']:.3f}, margin "
+            f"{extra['rewards/margins']:.3f}"
+            if extra
+            else f"{name} ppl {_ppl(loss):.3f}"
         )
+        self.echo(f"Iter {step}: {name} loss {loss:.3f}, {measure}, {name} took {seconds:.2f}s")
         for line in sample_lines(step, samples or []):
             self.echo(line)
 

@@ -392,14 +392,18 @@ def dry_run(cfg) -> list:
     same inputs as a run (`read_inputs`), writes nothing, loads no weights."""
     from mlxft.config import total_iters
     from mlxft.data import epoch_batches
+    from mlxft.data.preference import pair_epoch_batches
     from mlxft.training.inputs import read_inputs
 
     inputs = read_inputs(cfg)
     train = inputs.splits["train"]
     longest = max(len(s) for s in train.sequences)
-    batches = epoch_batches(train, cfg.batch_size, seed=cfg.seed, epoch=0, pad_id=0)
+    pairs = cfg.train_mode != "sft"  # a batch of pairs holds 2 x batch_size rows
+    make = pair_epoch_batches if pairs else epoch_batches
+    batches = make(train, cfg.batch_size, seed=cfg.seed, epoch=0, pad_id=0)
     lines = [
-        f"Data train: {len(train)} examples, longest {longest} tokens, {len(batches)} batches "
-        f"per epoch, {total_iters(cfg, len(batches))} steps"
+        f"Data train: {len(train)} {'pairs' if pairs else 'examples'}, longest {longest} tokens, "
+        f"{len(batches)} batches per epoch, {total_iters(cfg, len(batches))} steps"
     ]
-    return lines + plan_lines(cfg, inputs.model_path, longest)
+    rows = replace(cfg, batch_size=2 * cfg.batch_size) if pairs else cfg
+    return lines + plan_lines(rows, inputs.model_path, longest)

@@ -13,6 +13,10 @@ diverged loss, out of memory or Ctrl-C.
 Under `mlx.launch` or `torchrun` every rank runs this same loop on its share of each batch
 (`mlxft.training.world`); the backend returns sums over the world, so the loop only has to
 leave the files (metrics, checkpoints, adapter) and the console to rank 0.
+
+Preference tuning (train_mode dpo/orpo) is this same loop on pair batches
+(`mlxft.data.preference`): the step is the backend's `preference_step`, validation reports
+TRL's reward metrics, and `mlxft.training.preference` adds the DPO reference log-prob cache.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from mlxft.adapters.targets import full_layers
 from mlxft.backends import get_backend
 from mlxft.config import CONFIG_FILE, Config, save_config, total_iters
 from mlxft.data import Split, epoch_batches, eval_batches, padding_fraction
+from mlxft.data.preference import pair_epoch_batches, pair_eval_batches
 from mlxft.errors import UserError
 from mlxft.model_dir import check_model_dir, read_model_config
-from mlxft.training import checkpoint, guards, planner, run_dir
+from mlxft.training import checkpoint, guards, planner, preference, run_dir
 from mlxft.training.checkpoint import Position
 from mlxft.training.early_stopping import EarlyStopping, Epochs
 from mlxft.training.eval_samples import EvalSamples
@@ -58,9 +63,13 @@ class Step:
     seconds: float
     weights_finite: bool = True  # the weights and optimizer state after the update
     comm_seconds: float = 0.0  # of `seconds`, in collectives (waiting for other ranks included)
+    sums: dict | None = None  # preference tuning: the step's sums (mlxft.training.preference)
+    objective: float | None = None  # preference tuning: the group's loss (not per token)
 
     @property
     def loss(self) -> float:
+        if self.objective is not None:
+            return self.objective
         return self.loss_sum / max(self.tokens, 1)
 
 
@@ -75,12 +84,13 @@ class TrainResult:
     last_val_loss: float | None
 
 
-def batch_stream(split: Split, cfg: Config, pad_id: int, pos: Position) -> Iterator:
-    """Training batches forever, epoch after epoch, advancing `pos` (what checkpoints record)."""
+def batch_stream(
+    split: Split, cfg: Config, pad_id: int, pos: Position, make=epoch_batches
+) -> Iterator:
+    """Training batches forever, epoch after epoch, advancing `pos` (what checkpoints record);
+    `make` builds an epoch (`pair_epoch_batches` for preference pairs)."""
     while True:
-        batches = epoch_batches(
-            split, cfg.batch_size, seed=cfg.seed, epoch=pos.epoch, pad_id=pad_id
-        )
+        batches = make(split, cfg.batch_size, seed=cfg.seed, epoch=pos.epoch, pad_id=pad_id)
         while pos.index < len(batches):
             batch = batches[pos.index]
             pos.index += 1
@@ -102,6 +112,9 @@ class Session:
         self.splits = inputs.splits
         self.pad_id = inputs.pad_id
         self.checkpoint = inputs.checkpoint
+        self.spec = preference.PreferenceSpec.of(cfg)  # None: supervised fine-tuning
+        self.epoch_batches = pair_epoch_batches if self.spec else epoch_batches
+        self.eval_batches = pair_eval_batches if self.spec else eval_batches
         self.backend = get_backend(cfg, self.world)
         full_resume = self.checkpoint is not None and cfg.fine_tune_type == "full"
         # a full fine-tune's checkpoint is a whole model directory
@@ -133,6 +146,7 @@ class Session:
         self.samples: EvalSamples | None = None
         self.stopped = False  # the ranks agreed to stop early (Ctrl-C)
         self.tracker_ids: dict = {}  # {tracker: run id} (report_to), kept in checkpoints
+        self.test_report: dict | None = None  # preference tuning: TRL's metrics of test()
 
     # ------------------------------------------------------------------ header
     def header(self, iters: int, batches_per_epoch: int, pad_frac: float) -> list:
@@ -159,21 +173,21 @@ class Session:
                 else f"blocks {blocks[0]}-{blocks[-1]} of {b.num_blocks()} (embeddings frozen)"
             )
             lines.append(f"FULL fine-tune: {scope}")
+        limit = "max_prompt_length/max_seq_length" if self.spec else f"{cfg.max_seq_length} tokens"
         for name, split in self.splits.items():
-            extra = (
-                f", {split.truncated} truncated to {cfg.max_seq_length} tokens"
-                if split.truncated
-                else ""
-            )
+            extra = f", {split.truncated} truncated to {limit}" if split.truncated else ""
             extra += f", {split.dropped} dropped (no target tokens left)" if split.dropped else ""
+            unit = "pairs" if self.spec else "examples"
             lines.append(
-                f"Data {name}: {len(split.sequences)} examples ({split.format}) from "
-                f"{split.source}{extra}"
+                f"Data {name}: {len(split)} {unit} ({split.format}) from {split.source}{extra}"
             )
+        if self.spec:
+            lines.append(preference.header_line(cfg, self.spec))
         epochs = iters * cfg.grad_accumulation_steps / max(1, batches_per_epoch)
+        rows = "pairs (chosen + rejected rows in one batch)" if self.spec else "sequences"
         lines.append(
             f"Training {iters} steps (~{epochs:.2f} epochs) of "
-            f"{cfg.grad_accumulation_steps}x{cfg.batch_size} sequences; "
+            f"{cfg.grad_accumulation_steps}x{cfg.batch_size} {rows}; "
             f"padding {100 * pad_frac:.1f}% of batch positions (length-sorted)"
         )
         return lines
@@ -187,7 +201,7 @@ class Session:
         (Ctrl-C) travels with the step's all-reduce, so every rank stops after the same step
         (`self.stopped`).  One process stops before the next step, as it always did."""
         cfg, world, backend = self.cfg, self.world, self.backend
-        stream = batch_stream(self.splits["train"], cfg, self.pad_id, pos)
+        stream = batch_stream(self.splits["train"], cfg, self.pad_id, pos, self.epoch_batches)
         while pos.step < iters:
             asked = stop is not None and stop.requested
             if asked and not world.distributed:
@@ -197,7 +211,14 @@ class Session:
             group = [next(stream) for _ in range(cfg.grad_accumulation_steps)]
             world.at(f"step {pos.step + 1}")
             comm, tic = backend.comm_seconds, time.perf_counter()
-            result = self._guarded(backend.train_step, [world.share(b) for b in group], lr, asked)
+            if self.spec:  # one process (mlxft.training.world refuses more)
+                sums = self._guarded(backend.preference_step, group, lr, self.spec)
+                result = preference.step_result(sums, self.spec)
+                objective = preference.summarize(sums, self.spec)["loss"]
+            else:
+                shares = [world.share(b) for b in group]
+                result = self._guarded(backend.train_step, shares, lr, asked)
+                sums = objective = None
             seconds = time.perf_counter() - tic
             pos.step += 1
             pos.trained_tokens += result.tokens
@@ -212,6 +233,8 @@ class Session:
                 seconds,
                 result.weights_finite,
                 backend.comm_seconds - comm,
+                sums,
+                objective,
             )
             if result.stop:
                 self.stopped = True
@@ -223,11 +246,11 @@ class Session:
         the run directory: locked, an earlier run moved aside or a resumed one rewound, and only
         then written to.  A run that fails before its first step leaves adapter_path as it was."""
         cfg, backend = self.cfg, self.backend
-        first_epoch = epoch_batches(
+        first_epoch = self.epoch_batches(
             self.splits["train"], cfg.batch_size, seed=cfg.seed, epoch=0, pad_id=self.pad_id
         )
         iters = total_iters(cfg, len(first_epoch))
-        val = eval_batches(self.splits["valid"], cfg.batch_size, self.pad_id, cfg.val_batches)
+        val = self.eval_batches(self.splits["valid"], cfg.batch_size, self.pad_id, cfg.val_batches)
         val = [self.world.share(b) for b in val]
         main = self.world.is_main
         self.samples = self._eval_samples() if main else None  # checked before any write
@@ -237,7 +260,8 @@ class Session:
         )
         notes.append(self.monitor.describe())
         reporter = Reporter(None, iters, quiet=self.quiet, start_step=pos.step)
-        per_rank = replace(cfg, batch_size=cfg.batch_size // self.world.size)  # what one holds
+        rows = cfg.batch_size * (2 if self.spec else 1)  # a pair batch holds both answers
+        per_rank = replace(cfg, batch_size=rows // self.world.size)  # what one rank holds
         memory, self.estimate = planner.header_line(per_rank, self.model_path, self.longest)
         header = self.header(iters, len(first_epoch), padding_fraction(first_epoch))
         for line in [*header, memory]:
@@ -249,6 +273,11 @@ class Session:
             notes.append(
                 f"Resuming from {self.checkpoint} at step {pos.step} "
                 f"(epoch {pos.epoch}, batch {pos.index})"
+            )
+        if self.spec:
+            notes += preference.attach_reference(self, self.spec)
+            val = self.eval_batches(  # now with the cached reference log-probs, if any
+                self.splits["valid"], cfg.batch_size, self.pad_id, cfg.val_batches
             )
         early = restored[0].get("early_stopping") if restored else None
         # rank 0 owns adapter_path: the lock, the directory, every file; the others compute
@@ -298,10 +327,9 @@ class Session:
         def evaluate(step: int) -> float:
             self.world.at(f"validation at step {step}")
             tic = time.perf_counter()
-            total, count = self._guarded(backend.eval_loss, val)
+            loss, count, extra = self._evaluate(val)
             lr = learning_rate(min(step, iters - 1), cfg.learning_rate, cfg.lr_schedule, iters)
             its, tps = window.run_rates(pos.step)
-            loss = total / max(count, 1)
             guards.check_evaluation(step, loss, lr, cfg, self.last_good)
             seconds = time.perf_counter() - tic
             reporter.evaluation(
@@ -316,6 +344,7 @@ class Session:
                 pos.trained_tokens,
                 backend.peak_memory_gb(),
                 samples.run(backend) if samples else None,
+                extra,
             )
             # every rank keeps the same early-stopping state; rank 0 writes best/
             monitor.update(step, loss, self.save_adapter if self.world.is_main else _no_write)
@@ -332,15 +361,17 @@ class Session:
                 window.add(step)
                 reporter.progress(step.step, step.loss, window.run_rates(step.step)[1])
                 if step.step % cfg.steps_per_report == 0 or step.step == iters:
+                    extra = preference.summarize(window.sums, self.spec) if self.spec else None
                     reporter.train(
                         step.step,
-                        window.loss,
+                        extra.pop("loss") if extra else window.loss,
                         step.learning_rate,
                         window.its,
                         window.tps,
                         pos.trained_tokens,
                         backend.peak_memory_gb(),
                         step.grad_norm,
+                        extra,
                     )
                     window.reset()
                 evaluated = step.step % cfg.steps_per_eval == 0 or step.step == iters
@@ -359,11 +390,23 @@ class Session:
             if self.stopped and pos.step < iters:
                 self._interrupted(pos)
 
+    def _evaluate(self, batches: list) -> tuple:
+        """(loss, count, TRL metrics or None) over `batches`, no update: the mean token loss
+        over tokens (SFT), or the preference objective over pairs (`summarize`)."""
+        if self.spec is None:
+            total, count = self._guarded(self.backend.eval_loss, batches)
+            return total / max(count, 1), count, None
+        sums = preference.evaluate(self._guarded, self.backend, batches, self.spec)
+        report = preference.summarize(sums, self.spec)
+        return report.pop("loss"), int(sums.get("pairs", 0)), report
+
     def _eval_samples(self) -> EvalSamples | None:
         """eval_prompts, tokenized and checked against the context window (None when unset)."""
         if not self.cfg.eval_prompts:
             return None
-        return EvalSamples(self.cfg, self.tokenizer, self.model_path, self.splits["train"].format)
+        fmt = self.splits["train"].format
+        fmt = preference.SFT_FORMAT.get(fmt, fmt)  # preference prompts render as SFT prompts
+        return EvalSamples(self.cfg, self.tokenizer, self.model_path, fmt)
 
     def _plan_start(self, iters: int) -> tuple:
         """(position, notices, checkpoint contents or None), reading only: a resumed run is
@@ -429,7 +472,7 @@ class Session:
         reporter.echo(f"Removed checkpoint {pending}: its weights compute a non-finite loss")
 
     def _warn_if_stalled(self, step: Step) -> None:
-        if self._stall_warned:
+        if self._stall_warned or self.spec:  # a preference loss is not a token cross-entropy
             return
         message = guards.collapsed(step.loss, step.grad_norm, self.vocab_size)
         if message:
@@ -524,6 +567,8 @@ class Session:
 
         def save(tmp: Path) -> None:
             self.save_adapter(tmp)
+            if self.spec:
+                preference.save_reference(tmp, self.splits)
             if monitor is not None:
                 monitor.attach(tmp)
 
@@ -549,13 +594,19 @@ class Session:
         if "test" not in self.splits:
             where = self.cfg.data or "hf_dataset (set its test_split)"
             raise UserError(f"{where}: no test.jsonl for --test")
-        batches = eval_batches(
+        batches = self.eval_batches(
             self.splits["test"], self.cfg.batch_size, self.pad_id, self.cfg.test_batches
         )
-        total, count = self.backend.eval_loss([self.world.share(b) for b in batches])
-        loss = total / max(count, 1)
+        loss, _, extra = self._evaluate([self.world.share(b) for b in batches])
         if not self.quiet:
-            print(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700)):.3f}.")
+            if extra:
+                print(
+                    f"Test loss {loss:.3f}, reward accuracy {extra['rewards/accuracies']:.3f}, "
+                    f"margin {extra['rewards/margins']:.3f}."
+                )
+            else:
+                print(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700)):.3f}.")
+        self.test_report = extra
         return loss
 
 
@@ -575,8 +626,11 @@ class Window:
 
     def reset(self) -> None:
         self.loss_sum, self.tokens, self.steps, self.seconds = 0.0, 0, 0, 0.0
+        self.sums: dict = {}  # preference tuning's sums (mlxft.training.preference)
 
     def add(self, step: Step) -> None:
+        if step.sums is not None:
+            preference.add(self.sums, step.sums)
         self.loss_sum += step.loss_sum
         self.tokens += step.tokens
         self.steps += 1

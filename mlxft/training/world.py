@@ -122,6 +122,14 @@ def read_world(cfg, env: dict) -> World:
     if ours is None:
         return World(timeout=cfg.distributed_timeout)
     ours.timeout = cfg.distributed_timeout
+    if ours.size > 1 and cfg.train_mode != "sft":
+        # preference_step sums over one process only: no all-reduce of its pair terms yet
+        raise UserError(
+            f"train_mode {cfg.train_mode} runs in one process; {ours.launcher} started "
+            f"{ours.size}: start it without {ours.launcher} (data-parallel DPO/ORPO is not "
+            "supported yet)",
+            every_rank=True,
+        )
     if ours.size > 1 and cfg.batch_size % ours.size:
         raise UserError(
             f"batch_size {cfg.batch_size} does not divide evenly over the {ours.size} processes "

@@ -1,0 +1,226 @@
+"""Preference tuning (DPO, ORPO): what each backend computes, the names it is reported under,
+and the few things the training session does differently for it.
+
+Both backends implement one method, `Backend.preference_step(batches, lr, spec) -> dict`, on
+`mlxft.data.preference.PairBatch` groups; this module says what it computes, so the two stay
+the same math (checked against TRL's DPOTrainer / ORPOTrainer in tests/test_preference_trl.py).
+`mlxft.training.session.Session` runs train_mode dpo/orpo through its one loop (checkpoints,
+resume, guards, early stopping, eval_prompts, the run directory); this module gives it the
+evaluation, the header lines and the reference log-prob cache.
+
+Per pair, with log π(y|x) summed over the answer's tokens (TRL's DPO; prompt tokens never count):
+
+  DPO   ratio_c = log π(c) - log π_ref(c),  ratio_r = log π(r) - log π_ref(r)
+        Δ = ratio_c - ratio_r
+        loss = -(1 - ε) log σ(β Δ) - ε log σ(-β Δ)           (ε = label_smoothing: conservative DPO,
+                                                              TRL's sigmoid loss up to 0.2x)
+        rewards/chosen = β ratio_c, rewards/rejected = β ratio_r; logps/* = log π(·)
+
+  ORPO  a = log π(y|x) / |y|  (the answer's MEAN token log-prob, as TRL's ORPO)
+        log_odds = (a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r))
+        loss = NLL - β log σ(log_odds), NLL = mean token cross-entropy of the chosen rows, prompt
+        included (TRL and the ORPO authors' code); no reference model
+        rewards/chosen = β a_c, rewards/rejected = β a_r; logps/* = a
+
+The reference π_ref is the base model with the adapter switched off (LoRA/DoRA: no second copy
+of the weights), a frozen copy of the starting model for full fine-tuning, or log-probs cached by
+`precompute_ref_log_probs` (computed the same way, once, before the first step).
+
+A group of batches (gradient accumulation) is one objective, normalised as TRL normalises one
+batch: the mean over the group's pairs, plus for ORPO the NLL pooled over the group's chosen
+tokens.  Each batch's terms are scaled by those group totals (known from the data before any
+forward), so the summed gradients are exactly the group's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlxft.backend import StepResult
+from mlxft.data.preference import pair_eval_batches
+from mlxft.fileio import save_safetensors
+
+REF_FILE = "ref_logps.safetensors"  # in each checkpoint: {split name: (pairs, 2) float32}
+# The SFT format whose prompt rendering a preference format shares (eval_prompts samples).
+SFT_FORMAT = {"preference": "completion", "preference_chat": "chat"}
+
+# The sums every preference_step returns (per group), from which `summarize` builds the report.
+SUM_KEYS = (
+    "pairs",
+    "loss_sum",
+    "nll_sum",
+    "nll_tokens",
+    "chosen_logps",
+    "rejected_logps",
+    "chosen_rewards",
+    "rejected_rewards",
+    "accuracies",
+    "margins",
+    "log_odds_ratio",
+    "log_odds_chosen",
+    "tokens",
+)
+# What a training step adds (not summed over a report window: the last step's are reported).
+STEP_KEYS = ("grad_norm", "weights_finite")
+# TRL's metric names (trl.DPOTrainer / trl.experimental.orpo.ORPOTrainer logs), as written to
+# metrics.jsonl.
+DPO_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+ORPO_METRICS = DPO_METRICS + ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+
+
+@dataclass(frozen=True)
+class PreferenceSpec:
+    mode: str  # dpo | orpo
+    beta: float
+    label_smoothing: float = 0.0  # DPO only
+    reference_only: bool = False  # DPO: only the reference log-probs per pair (precompute pass)
+
+    @classmethod
+    def of(cls, cfg, **kw) -> PreferenceSpec | None:
+        """The run's spec, or None for train_mode sft."""
+        if cfg.train_mode == "sft":
+            return None
+        return cls(cfg.train_mode, cfg.beta, cfg.label_smoothing, **kw)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.mode == "dpo"
+
+
+def group_totals(batches: list, spec: PreferenceSpec) -> tuple:
+    """(pairs, NLL tokens) of a group: the denominators of its objective."""
+    pairs = sum(b.size for b in batches)
+    nll_tokens = sum(float(b.nll_mask().sum()) for b in batches) if spec.mode == "orpo" else 0.0
+    return pairs, nll_tokens
+
+
+def trained_tokens(batch, spec: PreferenceSpec) -> int:
+    """Positions a loss term is computed on: both answers (DPO), plus the chosen prompts (ORPO's
+    NLL)."""
+    if spec.mode == "orpo":
+        return int(np.maximum(batch.mask, batch.nll_mask()).sum())
+    return batch.ntokens
+
+
+def log1mexp(x: float) -> float:
+    """log(1 - e^x) for x < 0 (reference value for tests)."""
+    return math.log(-math.expm1(x)) if x > -0.6931471805599453 else math.log1p(-math.exp(x))
+
+
+def add(total: dict, sums: dict) -> dict:
+    """Accumulate step sums (the report window, an evaluation over several groups)."""
+    for key in SUM_KEYS:
+        total[key] = total.get(key, 0.0) + float(sums.get(key, 0.0))
+    return total
+
+
+def summarize(sums: dict, spec: PreferenceSpec) -> dict:
+    """Sums -> {'loss', TRL metric: mean over pairs}.  The loss is the objective: mean per-pair
+    loss, plus the pooled NLL for ORPO."""
+    pairs = max(sums.get("pairs", 0.0), 1.0)
+    out = {"loss": sums["loss_sum"] / pairs}
+    if spec.mode == "orpo":
+        nll = sums["nll_sum"] / max(sums.get("nll_tokens", 0.0), 1.0)
+        out["loss"] += nll
+    means = {
+        "rewards/chosen": "chosen_rewards",
+        "rewards/rejected": "rejected_rewards",
+        "rewards/accuracies": "accuracies",
+        "rewards/margins": "margins",
+        "logps/chosen": "chosen_logps",
+        "logps/rejected": "rejected_logps",
+    }
+    for name, key in means.items():
+        out[name] = sums[key] / pairs
+    if spec.mode == "orpo":
+        out["nll_loss"] = nll
+        out["log_odds_ratio"] = sums["log_odds_ratio"] / pairs
+        out["log_odds_chosen"] = sums["log_odds_chosen"] / pairs
+    return out
+
+
+# --------------------------------------------------------------------------- the session's part
+def evaluate(guarded, backend, batches: list, spec: PreferenceSpec) -> dict:
+    """Sums over `batches`, one batch at a time, no update (`guarded` = Session._guarded)."""
+    total: dict = {}
+    for batch in batches:
+        add(total, guarded(backend.preference_step, [batch], None, spec))
+    return total
+
+
+def step_result(sums: dict, spec: PreferenceSpec) -> StepResult:
+    """A training step's sums as the loop's `StepResult`: the objective spread over the
+    trained tokens (so loss_sum / tokens is the objective), the step's gradient norm and
+    weight check."""
+    tokens = int(sums["tokens"])
+    loss_sum = summarize(sums, spec)["loss"] * max(tokens, 1)
+    return StepResult(loss_sum, tokens, sums["grad_norm"], bool(sums.get("weights_finite", True)))
+
+
+def header_line(cfg, spec: PreferenceSpec) -> str:
+    """The run header's line on the objective and where the reference comes from."""
+    reference = ""
+    if spec.needs_reference:
+        reference = (
+            "; reference: the starting model, a frozen copy"
+            if cfg.fine_tune_type == "full"
+            else "; reference: the base model (adapter switched off)"
+        )
+        if cfg.precompute_ref_log_probs:
+            reference += ", log-probs precomputed"
+    smoothing = f", label_smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else ""
+    return f"{cfg.train_mode.upper()}: beta {cfg.beta:g}{smoothing}{reference}"
+
+
+def attach_reference(session, spec: PreferenceSpec) -> list:
+    """precompute_ref_log_probs: the reference log-prob of every pair, read from the checkpoint
+    being resumed, else computed in one pass (adapter off / frozen copy) before the first step.
+    Returns header notes."""
+    cfg, notes = session.cfg, []
+    if not (cfg.precompute_ref_log_probs and spec.needs_reference):
+        return notes
+    cached = {}
+    if session.checkpoint is not None and (Path(session.checkpoint) / REF_FILE).is_file():
+        from safetensors.numpy import load_file
+
+        cached = load_file(str(Path(session.checkpoint) / REF_FILE))
+    for name in ("train", "valid"):
+        split = session.splits[name]
+        if name in cached and cached[name].shape == (len(split), 2):
+            split.ref_logps = cached[name]
+            notes.append(f"Reference log-probs of {name}: read from {session.checkpoint}")
+            continue
+        tic = time.perf_counter()
+        batches = pair_eval_batches(split, cfg.batch_size, session.pad_id)
+        only = dataclasses.replace(spec, reference_only=True)
+        out = session._guarded(session.backend.preference_step, batches, None, only)
+        values = np.zeros((len(split), 2), dtype=np.float32)
+        values[out["pairs"]] = out["ref_logps"]
+        split.ref_logps = values
+        seconds = time.perf_counter() - tic
+        notes.append(f"Reference log-probs of {name}: {len(split)} pairs in {seconds:.1f}s")
+    return notes
+
+
+def save_reference(folder: Path, splits: dict) -> None:
+    """The precomputed reference log-probs into a checkpoint folder (nothing when none)."""
+    cache = {
+        name: np.ascontiguousarray(s.ref_logps)
+        for name, s in splits.items()
+        if getattr(s, "ref_logps", None) is not None
+    }
+    if cache:
+        save_safetensors(folder / REF_FILE, cache)

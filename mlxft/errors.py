@@ -40,6 +40,7 @@ def engine_message(err: BaseException) -> str:
 def error_line(message: str) -> str:
     """`Error: message` as this process prints it (prefixed with the rank on ranks other than 0)."""
     rank = flags.launch_rank()
+    message = re.sub(r"\s*\n\s*", " ", message.strip())  # a library's multi-line text, too
     return f"Error: {message}" if not rank else f"Error: rank {rank}: {message}"
 
 

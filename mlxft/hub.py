@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from mlxft import flags
-from mlxft.errors import UserError
+from mlxft.errors import UserError, engine_message
 from mlxft.model_dir import check_model_dir, read_model_config
 
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -75,7 +75,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
                 "download it once with network access or pass a local directory"
             ) from None
         raise UserError(
-            f"{repo_id}: could not download from the Hugging Face hub ({type(err).__name__}: {err})"
+            f"{repo_id}: no such local directory, and the Hugging Face hub did not provide it "
+            f"({type(err).__name__}: {engine_message(err)}); check the path or the hub id"
         ) from None
 
 

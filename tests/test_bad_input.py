@@ -520,6 +520,13 @@ CASES = [
         ("d/train.jsonl:2: record matches no data format (keys: 'foo')",),
     ),
     Case(
+        "data-pairs-as-sft",
+        lambda e: e.train(
+            data=e.data_dir("d", ['{"prompt": "a", "chosen": "b", "rejected": "c"}'], TEXT)
+        ),
+        ("d/train.jsonl:1: a preference pair", "--train-mode dpo"),
+    ),
+    Case(
         "data-mixed-formats",
         lambda e: e.train(
             data=e.data_dir("d", [TEXT[0], '{"prompt": "a", "completion": "b"}'], TEXT)

@@ -113,3 +113,36 @@ def test_colour_on_request_and_errors(stories, tmp_path):
     assert result.exit_code == 2 and "no test split (there are: train, valid)" in result.stderr
     assert json.loads(json.dumps(result.stderr))  # one plain line, no traceback
     assert "Traceback" not in result.output
+
+
+def test_preference_pairs_preview_marks_each_answer(stories, tmp_path):
+    """`mlxft data --train-mode dpo`: per pair, both sides as the model sees them, and only the
+    answers trained; the counts are the preference loader's own."""
+    from mlxft.data.preference import load_preference_splits
+
+    pairs = [
+        {"prompt": f"Q: how many {w}?\nA:", "chosen": f" SELECT COUNT {w}", "rejected": " Once"}
+        for w in ("cats", "dogs", "trees", "birds")
+    ]
+    data = tmp_path / "pairs"
+    write_jsonl(data / "train.jsonl", pairs)
+    write_jsonl(data / "valid.jsonl", pairs[:1])
+    result = run("--model", stories, "--data", data, "--train-mode", "dpo", "-n", "2")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "Data train: 4 pairs, format preference" in out
+    for i in (1, 2):
+        for side in ("chosen", "rejected"):
+            block = out.split(f"--- train pair {i}, {side}:")[1].split("\n", 1)[1]
+            block = block.split("\n--- ")[0]
+            marked = re.findall(r"\[\[(.*?)\]\]", block, flags=re.S)
+            assert len(marked) == 1
+            answer = marked[0].removesuffix("</s>").strip()
+            assert answer in {p[side].strip() for p in pairs}
+            assert block.startswith("<s> Q: how many")
+    cfg = build_config(overrides={"model": str(stories), "data": str(data), "train_mode": "dpo"})
+    train = load_preference_splits(cfg, load_tokenizer(stories, cfg))["train"]
+    chosen_trained = sum(int(m.sum()) for m in train.chosen_masks)
+    assert f"chosen: tokens {sum(len(c) for c in train.chosen)} ({chosen_trained} trained" in out
+    plain = run("--model", stories, "--data", data)
+    assert plain.exit_code == 2 and "--train-mode dpo" in plain.output

@@ -26,6 +26,12 @@ from mlxft.errors import UserError, user_errors
 @click.option(
     "--mask-prompt", is_flag=True, default=None, help="Train only on completions / assistant turns."
 )
+@click.option(
+    "--train-mode",
+    type=click.Choice(["sft", "dpo", "orpo"]),
+    help="dpo/orpo: preview {prompt, chosen, rejected} pairs as preference tuning sees them.",
+)
+@click.option("--max-prompt-length", type=int, help="Preference prompts keep their last N tokens.")
 @click.option("--max-seq-length", type=int)
 @click.option("--batch-size", type=int)
 @click.option(
@@ -41,10 +47,12 @@ from mlxft.errors import UserError, user_errors
 @user_errors
 def data_command(config, num_examples, split, color, **kw):
     """Show N examples as the trainer sees them, trained tokens marked, with token counts,
-    truncated/dropped examples, a length histogram and the batches' padding share."""
+    truncated/dropped examples, a length histogram and the batches' padding share (with
+    --train-mode dpo/orpo: preference pairs, each side's trained tokens marked)."""
     from mlxft.config import build_config
     from mlxft.data import load_splits, pad_token_id
-    from mlxft.data.preview import report
+    from mlxft.data.preference import load_preference_splits
+    from mlxft.data.preview import pair_report, report
     from mlxft.hub import load_tokenizer, resolve_model
 
     cfg = build_config(config, kw)
@@ -56,10 +64,12 @@ def data_command(config, num_examples, split, color, **kw):
     if num_examples < 0:
         raise UserError(f"--num-examples must be >= 0, got {num_examples}")
     tokenizer = load_tokenizer(resolve_model(cfg.model, cfg.revision), cfg)
-    splits = load_splits(cfg, tokenizer)
+    pairs = cfg.train_mode != "sft"
+    splits = (load_preference_splits if pairs else load_splits)(cfg, tokenizer)
     if split not in splits:
         where = cfg.data or "hf_dataset"
         raise UserError(f"{where}: no {split} split (there are: {', '.join(splits)})")
     color = sys.stdout.isatty() if color is None else color
-    for line in report(cfg, splits, tokenizer, pad_token_id(tokenizer), split, num_examples, color):
+    write = pair_report if pairs else report
+    for line in write(cfg, splits, tokenizer, pad_token_id(tokenizer), split, num_examples, color):
         click.echo(line, color=color)  # click strips ANSI codes off a terminal unless told

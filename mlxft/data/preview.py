@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlxft.data.batching import epoch_batches, padding_fraction
+from mlxft.data.preference import pair_epoch_batches
 
 GREEN, RESET = "\x1b[32;1m", "\x1b[0m"
 
@@ -105,4 +106,58 @@ def report(cfg, splits: dict, tokenizer, pad_id: int, split: str, count: int, co
         ids, mask = chosen.sequences[i], chosen.masks[i]
         lines.append(f"--- {split} example {i + 1}: {len(ids)} tokens, {int(np.sum(mask))} trained")
         lines.append(mark(spans(tok, ids, mask), color))
+    return lines
+
+
+def pair_split_lines(name: str, split, cfg) -> list:
+    """A preference split's counts: pairs, each side's tokens and trained tokens, truncation."""
+    lines = [f"Data {name}: {len(split)} pairs, format {split.format}, from {split.source}"]
+    for side in ("chosen", "rejected"):
+        rows, masks = getattr(split, side), getattr(split, f"{side}_masks")
+        lengths = np.array([len(r) for r in rows])
+        trained = int(sum(int(np.sum(m)) for m in masks))
+        lines.append(
+            f"  {side}: tokens {int(lengths.sum())} ({trained} trained: the answers); length min "
+            f"{lengths.min()}, median {int(np.median(lengths))}, max {lengths.max()}"
+        )
+    limit = f"max_prompt_length {cfg.max_prompt_length}, " if cfg.max_prompt_length else ""
+    lines.append(
+        f"  {split.truncated} pairs truncated ({limit}max_seq_length {cfg.max_seq_length})"
+    )
+    return lines
+
+
+def pair_report(
+    cfg, splits: dict, tokenizer, pad_id: int, split: str, count: int, color: bool
+) -> list:
+    """`mlxft data --train-mode dpo|orpo`: the same report for preference pairs; a batch of B
+    pairs is one model batch of 2B rows (chosen, then rejected), padded to its longest row."""
+    from mlxft.data.render import unwrap
+
+    tok = unwrap(tokenizer)
+    lines = []
+    for name, s in splits.items():
+        lines += pair_split_lines(name, s, cfg)
+    train = splits["train"]
+    lines.append("Length histogram (train, tokens of a pair's longer side):")
+    lines += histogram(train.widths())
+    batches = pair_epoch_batches(train, cfg.batch_size, seed=cfg.seed, epoch=0, pad_id=pad_id)
+    lines.append(
+        f"Batching: {len(batches)} batches of up to {cfg.batch_size} pairs "
+        f"({2 * cfg.batch_size} rows) per epoch (length-sorted), padding "
+        f"{100 * padding_fraction(batches):.1f}% of batch positions"
+    )
+    shown = splits[split]
+    legend = "green" if color else "between [[ and ]]"
+    lines.append(
+        f"First {min(count, len(shown))} {split} pairs as the model sees them; "
+        f"trained tokens {legend}:"
+    )
+    for i in range(min(count, len(shown))):
+        for side in ("chosen", "rejected"):
+            ids, mask = getattr(shown, side)[i], getattr(shown, f"{side}_masks")[i]
+            lines.append(
+                f"--- {split} pair {i + 1}, {side}: {len(ids)} tokens, {int(np.sum(mask))} trained"
+            )
+            lines.append(mark(spans(tok, ids, mask), color))
     return lines

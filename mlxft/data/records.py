@@ -161,6 +161,11 @@ def detect_format(record: dict, where: str, has_template: bool) -> str:
     if "text" in record:
         return "text"
     keys = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+    if {"chosen", "rejected"} <= set(record):  # TRL's preference pairs read as SFT data
+        raise UserError(
+            f"{where}: a preference pair ({keys}) where supervised records are read; for DPO "
+            "or ORPO set train_mode: dpo or orpo (--train-mode dpo)"
+        )
     raise UserError(
         f"{where}: record matches no data format (keys: {keys}); accepted: {FORMATS_HELP}"
     )

@@ -96,15 +96,18 @@ def report(cfg, splits: dict, tokenizer, pad_id: int, split: str, count: int, co
         f"Batching: {len(batches)} batches of up to {cfg.batch_size} per epoch (length-sorted), "
         f"padding {100 * padding_fraction(batches):.1f}% of batch positions"
     )
-    chosen = splits[split]
+    shown = splits[split]
+    n = min(count, len(shown))
+    rows = [(f"{split} example {i + 1}", shown.sequences[i], shown.masks[i]) for i in range(n)]
+    return lines + examples(tok, f"{n} {split} examples", rows, color)
+
+
+def examples(tok, what: str, rows: list, color: bool) -> list:
+    """Rows of (title, ids, mask): a heading, then each text with its trained spans marked."""
     legend = "green" if color else "between [[ and ]]"
-    lines.append(
-        f"First {min(count, len(chosen))} {split} examples as the model sees them; "
-        f"trained tokens {legend}:"
-    )
-    for i in range(min(count, len(chosen))):
-        ids, mask = chosen.sequences[i], chosen.masks[i]
-        lines.append(f"--- {split} example {i + 1}: {len(ids)} tokens, {int(np.sum(mask))} trained")
+    lines = [f"First {what} as the model sees them; trained tokens {legend}:"]
+    for title, ids, mask in rows:
+        lines.append(f"--- {title}: {len(ids)} tokens, {int(np.sum(mask))} trained")
         lines.append(mark(spans(tok, ids, mask), color))
     return lines
 
@@ -148,16 +151,14 @@ def pair_report(
         f"{100 * padding_fraction(batches):.1f}% of batch positions"
     )
     shown = splits[split]
-    legend = "green" if color else "between [[ and ]]"
-    lines.append(
-        f"First {min(count, len(shown))} {split} pairs as the model sees them; "
-        f"trained tokens {legend}:"
-    )
-    for i in range(min(count, len(shown))):
-        for side in ("chosen", "rejected"):
-            ids, mask = getattr(shown, side)[i], getattr(shown, f"{side}_masks")[i]
-            lines.append(
-                f"--- {split} pair {i + 1}, {side}: {len(ids)} tokens, {int(np.sum(mask))} trained"
-            )
-            lines.append(mark(spans(tok, ids, mask), color))
-    return lines
+    n = min(count, len(shown))
+    rows = [
+        (
+            f"{split} pair {i + 1}, {side}",
+            getattr(shown, side)[i],
+            getattr(shown, f"{side}_masks")[i],
+        )
+        for i in range(n)
+        for side in ("chosen", "rejected")
+    ]
+    return lines + examples(tok, f"{n} {split} pairs", rows, color)

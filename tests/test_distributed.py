@@ -3,10 +3,11 @@
 
 The unit tests at the top check the pieces without processes (shares of a batch, reading the
 launchers' variables, the watchdog, per-rank state); the slow ones launch real worlds: per-step
-losses and final adapters equal to one process (with grad accumulation, with mask_prompt), one
-metrics.jsonl and one adapter, a killed rank ending the other within the timeout, `--resume`
-afterwards reproducing the uninterrupted run, a hung rank timed out, and a batch that does not
-divide refused before any work.
+losses and final adapters equal to one process (with grad accumulation, with mask_prompt; and
+DPO's losses and reward metrics, pairs shared whole), one metrics.jsonl and one adapter, a
+killed rank ending the other within the timeout, `--resume` afterwards reproducing the
+uninterrupted run, a hung rank timed out, and a batch that does not divide refused before any
+work.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ Backends satisfy `Backend` structurally (no inheritance); `mlxft.backends.get_ba
 one for a config and hands it the run's `mlxft.training.world.World`.  In a data-parallel run
 each process holds one backend that trains on its rank's share of every batch; the backend
 connects the ranks and does every collective, so `train_step` and `eval_loss` return sums over
-the whole world and the loop above stays the same for one process or many (`preference_step`
-runs in one process: `mlxft.training.world` refuses a multi-process DPO/ORPO run).
+the whole world and the loop above stays the same for one process or many (so does
+`preference_step`: gradients and every DPO/ORPO sum are summed over the ranks).
 
 Batches are `mlxft.data.Batch` (numpy); learning rates come from `mlxft.training.schedule`;
 weights cross the contract as numpy (`mlxft.model_dir.Tensor`).
@@ -125,11 +125,12 @@ class Backend(Protocol):
     def eval_loss(self, batches: list) -> tuple:
         """(sum of token losses, trained tokens) over every rank's `batches`, no update."""
 
-    def preference_step(self, batches: list, lr: float | None, spec) -> dict:
-        """DPO/ORPO (`mlxft.training.preference.PreferenceSpec`) over one process's group of
-        `mlxft.data.preference.PairBatch`: an optimizer step at `lr`, or an evaluation (lr
-        None); returns the sums of `preference.SUM_KEYS`, plus `grad_norm` and `weights_finite`
-        after a step (reference-only spec: {'pairs', 'ref_logps'})."""
+    def preference_step(self, batches: list, lr: float | None, spec, stop: bool = False) -> dict:
+        """DPO/ORPO (`mlxft.training.preference.PreferenceSpec`) over this rank's shares of a
+        group of `mlxft.data.preference.PairBatch`: an optimizer step at `lr`, or an evaluation
+        (lr None); returns the world's sums of `preference.SUM_KEYS`, plus `grad_norm`,
+        `weights_finite` and `stop` (any rank's vote) after a step (reference-only spec: this
+        rank's {'pairs', 'ref_logps'})."""
 
     def all_gather(self, values: np.ndarray) -> np.ndarray:
         """Every rank's `values` (same shape and dtype on each) stacked as (world size, ...)."""

@@ -968,15 +968,6 @@ CASES = [
         },
     ),
     Case(
-        "world-preference-distributed",
-        lambda e: e.train("--train-mode", "dpo", "--batch-size", "2"),
-        ("train_mode dpo runs in one process; mlx.launch started 2",),
-        env=lambda e: {
-            "MLX_RANK": "0",
-            "MLX_HOSTFILE": str(e.file("hosts.json", '[["127.0.0.1:1"], ["127.0.0.1:2"]]')),
-        },
-    ),
-    Case(
         "world-wrong-launcher",
         lambda e: e.train(),
         ("started by torchrun with 2 processes, but backend is mlx", "--backend torch"),

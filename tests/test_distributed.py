@@ -3,10 +3,11 @@
 
 The unit tests at the top check the pieces without processes (shares of a batch, reading the
 launchers' variables, the watchdog, per-rank state); the slow ones launch real worlds: per-step
-losses and final adapters equal to one process (with grad accumulation, with mask_prompt), one
-metrics.jsonl and one adapter, a killed rank ending the other within the timeout, `--resume`
-afterwards reproducing the uninterrupted run, a hung rank timed out, and a batch that does not
-divide refused before any work.
+losses and final adapters equal to one process (with grad accumulation, with mask_prompt; and
+DPO's losses and reward metrics, pairs shared whole), one metrics.jsonl and one adapter, a
+killed rank ending the other within the timeout, `--resume` afterwards reproducing the
+uninterrupted run, a hung rank timed out, and a batch that does not divide refused before any
+work.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import pytest
 
 from mlxft.config import build_config
 from mlxft.data.batching import make_batch, share, share_bounds
+from mlxft.data.preference import make_pair_batch, share_pairs
 from mlxft.errors import UserError, _Leaving
 from mlxft.training import watchdog as watchdog_module
+from mlxft.training.preference import DPO_METRICS
 from mlxft.training.world import (
     World,
     check_same_start,
@@ -35,7 +38,7 @@ from mlxft.training.world import (
     launcher_command,
     read_world,
 )
-from tests.conftest import STORIES, WIKISQL
+from tests.conftest import REPO, STORIES, WIKISQL
 
 MLXFT = Path(sys.executable).parent / "mlxft"
 ITERS, SAVE_EVERY = 10, 4
@@ -66,6 +69,42 @@ def test_an_uneven_last_batch_may_leave_a_rank_without_rows():
     assert [share_bounds(1, r, 2) for r in range(2)] == [(0, 1), (1, 1)]
     empty = share(_batch([4]), 1, 2)
     assert empty.inputs.shape == (0, 0) and empty.ntokens == 0 and len(empty.lengths) == 0
+
+
+class _Split:
+    """Pairs of token lists (answer tokens trained), as `make_pair_batch` reads them."""
+
+    def __init__(self, chosen_lengths, rejected_lengths):
+        rng = np.random.default_rng(1)
+        self.chosen = [rng.integers(3, 50, size=n) for n in chosen_lengths]
+        self.rejected = [rng.integers(3, 50, size=n) for n in rejected_lengths]
+        self.chosen_masks = [np.arange(n) >= 2 for n in chosen_lengths]
+        self.rejected_masks = [np.arange(n) >= 2 for n in rejected_lengths]
+        self.ref_logps = -np.arange(2 * len(chosen_lengths), dtype=np.float32).reshape(-1, 2)
+
+
+def test_pair_shares_keep_a_pairs_chosen_and_rejected_together():
+    split = _Split([5, 6, 9, 4, 7], [8, 3, 5, 12, 6])
+    batch = make_pair_batch(split, [0, 1, 2, 3, 4], pad_id=0)
+    first, second = share_pairs(batch, 0, 2), share_pairs(batch, 1, 2)
+    assert first.pairs.tolist() == [0, 1, 2] and second.pairs.tolist() == [3, 4]
+    # rows: this share's chosen, then the same pairs' rejected, trimmed to their own longest
+    np.testing.assert_array_equal(first.lengths, [5, 6, 9, 8, 3, 5])
+    assert first.inputs.shape == (6, 8) and second.inputs.shape == (4, 11)
+    np.testing.assert_array_equal(second.inputs, batch.inputs[[3, 4, 8, 9], :11])
+    np.testing.assert_array_equal(second.ref_logps, [-6, -8, -7, -9])
+    assert first.ntokens + second.ntokens == batch.ntokens
+    # the objective's denominators stay the global batch's on every share
+    assert first.denominators == second.denominators == batch.denominators
+    assert batch.denominators == (5, float(batch.nll_mask().sum()))
+    assert share_pairs(batch, 0, 1) is batch
+
+
+def test_a_short_last_pair_batch_may_leave_a_rank_without_pairs():
+    split = _Split([5], [7])
+    empty = share_pairs(make_pair_batch(split, [0], pad_id=0), 1, 2)
+    assert empty.size == 0 and empty.inputs.shape == (0, 0) and empty.ntokens == 0
+    assert empty.denominators[0] == 1
 
 
 # --------------------------------------------------------------------------- the launchers' world
@@ -286,19 +325,23 @@ def reference(tmp_path_factory, data, completions):
         if (backend, variant) not in runs:
             out = tmp_path_factory.mktemp(f"one_{backend}_{variant}")
             source = completions if variant == "masked" else data
-            args = [str(a) for a in lora_args(source, out, backend, *VARIANTS[variant])]
-            result = subprocess.run(
-                [str(MLXFT), *args],
-                capture_output=True,
-                text=True,
-                timeout=600,
-                env=dict(os.environ, **ONE_THREAD),
-            )
-            assert result.returncode == 0, result.stderr[-3000:]
+            run_one(lora_args(source, out, backend, *VARIANTS[variant]))
             runs[backend, variant] = out
         return runs[backend, variant]
 
     return get
+
+
+def run_one(args) -> None:
+    """One plain process (no launcher), one thread like each rank."""
+    result = subprocess.run(
+        [str(MLXFT), *[str(a) for a in args]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, **ONE_THREAD),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def launch(backend, args, processes=2, **popen):
@@ -424,6 +467,90 @@ def test_two_processes_train_like_one(backend, completions, reference, tmp_path)
     got = [(e.step, e.value) for e in acc.Scalars("train_loss")]
     assert [s for s, _ in got] == [s for s, _ in want]
     np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """13 short WikiSQL preference pairs for training (batch_size 4: each epoch ends with a
+    1-pair batch, so one rank gets no pair), 5 for validation (shares of 3 and 2 pairs)."""
+    out = tmp_path_factory.mktemp("dp_pairs")
+    lines = (REPO / "examples" / "data" / "wikisql_dpo" / "train.jsonl").read_text().splitlines()
+    rows = []
+    for line in lines[:30]:
+        pair = json.loads(line)
+        row = {
+            "prompt": "Q: " + pair["prompt"].split("\nQ: ", 1)[1],
+            "chosen": pair["chosen"].split(" FROM ")[0],
+            "rejected": pair["rejected"].split(" FROM ")[0],
+        }
+        if row["chosen"] != row["rejected"]:
+            rows.append(json.dumps(row))
+    for name, part in (("train", rows[:13]), ("valid", rows[13:18])):
+        (out / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+    return out
+
+
+# DPO with grad accumulation: MLX with the reference log-probs precomputed (computed per rank and
+# gathered), torch with the reference computed each step on each rank's shares (adapter off)
+DPO = {
+    "mlx": ("--train-mode", "dpo", "--grad-accumulation-steps", 2, "--precompute-ref-log-probs"),
+    "torch": ("--train-mode", "dpo", "--grad-accumulation-steps", 2),
+}
+# what a preference row reports, compared between 1 and 2 processes
+PREFERENCE_KEYS = ("train_loss", "val_loss", *DPO_METRICS)
+
+
+def preference_rows(out: Path) -> dict:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {
+        (r["step"], "val" if "val_loss" in r else "train", key): r[key]
+        for r in rows
+        for key in (*PREFERENCE_KEYS, "trained_tokens")
+        if key in r
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_processes_tune_preferences_like_one(backend, pairs, tmp_path):
+    """DPO on 2 ranks: the same per-step losses and reward metrics (training and validation)
+    and the same adapter as one process, to 1e-5 (log-prob sums: relative)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_one(lora_args(pairs, one, backend, *DPO[backend]))
+    stdout, stderr = finish(launch(backend, lora_args(pairs, two, backend, *DPO[backend])))
+    assert error_lines(stderr) == [], stderr[-3000:]
+    assert HEADERS[backend] in stdout and "DPO: beta" in stdout
+    assert stdout.count("Saved adapter to") == 1
+    ref, got = preference_rows(one), preference_rows(two)
+    assert sorted(ref) == sorted(got), "the runs report different steps or metrics"
+    assert sum(1 for _, _, key in got if key == "train_loss") == ITERS
+    assert any(key == "val_loss" for _, _, key in got)
+    gaps = {}
+    for key in ref:
+        if key[2] == "trained_tokens":
+            assert ref[key] == got[key], f"{key}: trained tokens differ"
+            continue
+        # relative above 1: logps/* are sums over an answer's tokens (~-170 here), whose float32
+        # step (the sums' precision on the device and in the all-reduce) is 1.5e-5
+        gaps[key] = abs(ref[key] - got[key]) / max(1.0, abs(ref[key]))
+        assert gaps[key] <= TOLERANCE, f"{key}: {ref[key]} on one process vs {got[key]} on two"
+    worst = max(gaps, key=gaps.get)
+    print(f"largest metric gap, 2 vs 1 processes ({backend}): {gaps[worst]:.2e} at {worst}")
+    from mlxft.adapters.files import load_adapter
+
+    _, a = load_adapter(one)
+    _, b = load_adapter(two)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=TOLERANCE, rtol=0)
+    print(f"largest adapter gap ({backend}): {max(np.abs(a[k] - b[k]).max() for k in a):.2e}")
+    if backend == "mlx":  # the gathered reference log-probs are the one-process run's
+        from safetensors.numpy import load_file
+
+        name = "checkpoints/step-0000004/ref_logps.safetensors"
+        r1, r2 = load_file(str(one / name)), load_file(str(two / name))
+        for split in ("train", "valid"):
+            np.testing.assert_allclose(r1[split], r2[split], rtol=1e-6)  # sums of ~-150
 
 
 def wait_for_checkpoint(proc, out: Path, step: int, timeout: float = 300.0) -> None:

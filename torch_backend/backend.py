@@ -434,12 +434,12 @@ class TorchBackend:
                     ok &= torch.isfinite(value).all()
         return ok
 
-    def preference_step(self, batches: list, lr: float | None, spec) -> dict:
-        """DPO/ORPO over one process's PairBatch group: an optimizer step at `lr`, or an
-        evaluation (lr None); the sums named in mlxft.training.preference."""
+    def preference_step(self, batches: list, lr: float | None, spec, stop: bool = False) -> dict:
+        """DPO/ORPO over this rank's PairBatch shares of a group: an optimizer step at `lr`, or
+        an evaluation (lr None); the world's sums named in mlxft.training.preference."""
         from mlxft.torch_backend.preference import preference_step
 
-        return preference_step(self, batches, lr, spec)
+        return preference_step(self, batches, lr, spec, stop)
 
     def frozen_reference(self) -> tuple:
         """(model, (body, head) split or None) of the starting model, frozen: full

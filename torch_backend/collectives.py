@@ -72,17 +72,25 @@ class Collectives:
         """Sum every parameter's gradient (a rank with no rows has none: zeros), the loss sum,
         the token count and the stop vote over the ranks, in one all-reduce.  Returns
         (loss sum tensor, token count, stop); the summed gradients are left in `p.grad`."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         scalars = torch.tensor([0.0, float(count), float(stop)], device=total.device)
         scalars[0] = total
-        buffer = torch.cat([g.reshape(-1).float() for g in grads] + [scalars])
+        summed = self.reduce(params, scalars)
+        total, count, votes = summed[0], summed[1], summed[2]
+        return total, int(round(count.item())), bool(votes.item() > 0)
+
+    def reduce(self, params: list, scalars: torch.Tensor) -> torch.Tensor:
+        """Every parameter's gradient (zeros where a rank has none) and `scalars` (sums, counts,
+        the stop vote) summed over the ranks in one float32 all-reduce; the summed gradients
+        are left in `p.grad`, the summed scalars returned."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        tail = scalars.to(self.device, torch.float32).reshape(-1)
+        buffer = torch.cat([g.reshape(-1).float() for g in grads] + [tail])
         self._run("the gradient all-reduce", lambda: dist.all_reduce(buffer))
         offset = 0
         for p in params:
             p.grad = buffer[offset : offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
-        total, count, votes = buffer[-3], buffer[-2], buffer[-1]
-        return total, int(round(count.item())), bool(votes.item() > 0)
+        return buffer[offset:]
 
     def all_gather(self, values: np.ndarray) -> np.ndarray:
         """Every rank's `values` stacked (size, ...), moved as bytes."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mlxft.data.batching import head_rows
 from mlxft.torch_backend.lora import LoRALinear
-from mlxft.training.preference import PreferenceSpec, group_totals, trained_tokens
+from mlxft.training.preference import PreferenceSpec, open_group, pack, trained_tokens, unpack
 
 
 @contextlib.contextmanager
@@ -132,11 +132,14 @@ def reference_logps(backend, t: _Tensors) -> torch.Tensor:
         return t.logps(backend.model, backend._split)[0]
 
 
-def preference_step(backend, batches: list, lr, spec: PreferenceSpec) -> dict:
-    """One optimizer step over the group (lr given) or an evaluation (lr None): mlxft.preference."""
+def preference_step(backend, batches: list, lr, spec: PreferenceSpec, stop: bool = False) -> dict:
+    """One optimizer step over the group (lr given) or an evaluation (lr None): mlxft.preference.
+    In a distributed world `batches` are this rank's shares; the gradients, every sum and the
+    stop vote are summed over the ranks (one all-reduce per step, one all-gather per
+    evaluation), so every rank returns the world's sums."""
     train = lr is not None and not spec.reference_only
     backend._set_training(train)
-    pairs, nll_tokens = group_totals(batches, spec)
+    pairs, nll_tokens, sums = open_group(batches, spec)
     params = (
         [p for group in backend.optimizer.param_groups for p in group["params"]] if train else []
     )
@@ -144,9 +147,10 @@ def preference_step(backend, batches: list, lr, spec: PreferenceSpec) -> dict:
         for group in backend.optimizer.param_groups:
             group["lr"] = lr
         backend.optimizer.zero_grad(set_to_none=True)
-    sums: dict = {"pairs": pairs, "nll_tokens": nll_tokens, "tokens": 0, "nll_sum": 0.0}
     refs = []
     for batch in batches:
+        if not batch.size:  # an epoch's short last batch left this rank no pair
+            continue
         t = _Tensors(batch, spec, backend._device)
         ref = None
         if spec.needs_reference:
@@ -172,13 +176,19 @@ def preference_step(backend, batches: list, lr, spec: PreferenceSpec) -> dict:
         sums["tokens"] += trained_tokens(batch, spec)
     if spec.reference_only:
         return {
-            "pairs": np.concatenate([p for p, _ in refs]),
-            "ref_logps": np.concatenate([r for _, r in refs]),
+            "pairs": np.concatenate([p for p, _ in refs] or [np.zeros(0, np.int64)]),
+            "ref_logps": np.concatenate([r for _, r in refs] or [np.zeros((0, 2), np.float32)]),
         }
-    if train:
-        clip = backend._clip if backend._clip else float("inf")
-        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip).item()
-        backend.optimizer.step()
-        backend._steps += 1
-        sums["weights_finite"] = bool(backend._usable(params).item())
+    if not train:
+        if backend._comm is None:
+            return sums
+        return unpack(sums, backend._comm.all_gather(pack(sums, False)).sum(0))
+    if backend._comm:
+        summed = backend._comm.reduce(params, torch.as_tensor(pack(sums, stop)))
+        sums = unpack(sums, summed.cpu().numpy())
+    clip = backend._clip if backend._clip else float("inf")
+    sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip).item()
+    backend.optimizer.step()
+    backend._steps += 1
+    sums["weights_finite"] = bool(backend._usable(params).item())
     return sums

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlxft.data.batching import make_batch, shuffled, sorted_chunks, spread
+from mlxft.data.batching import make_batch, share_bounds, shuffled, sorted_chunks, spread
 from mlxft.data.loader import load_records
 from mlxft.data.records import _short, check_same_format
 from mlxft.data.render import Renderer
@@ -93,11 +93,22 @@ class PairBatch:
     ref_logps: np.ndarray | None = (
         None  # (2B,) float32 cached reference log-probs, chosen then rejected
     )
+    # a rank's share (`share_pairs`): the global batch's pairs and ORPO NLL tokens, the
+    # denominators of the objective, so the ranks' gradients sum to the global batch's
+    world_pairs: int | None = None
+    world_nll_tokens: float | None = None
 
     @property
     def size(self) -> int:
         """Number of pairs."""
         return len(self.pairs)
+
+    @property
+    def denominators(self) -> tuple:
+        """(pairs, ORPO NLL tokens) of the global batch this one is (a share of)."""
+        if self.world_pairs is not None:
+            return self.world_pairs, self.world_nll_tokens
+        return self.size, float(self.nll_mask().sum())
 
     @property
     def ntokens(self) -> int:
@@ -295,6 +306,31 @@ def make_pair_batch(split: PreferenceSplit, pairs, pad_id: int) -> PairBatch:
             np.float32
         )
     return PairBatch(batch.inputs, batch.targets, batch.mask, batch.lengths, pairs, ref)
+
+
+def share_pairs(batch: PairBatch, rank: int, size: int) -> PairBatch:
+    """Rank `rank`'s contiguous pairs of a global pair batch, chosen and rejected together,
+    trimmed to their own longest row (exact: causal models, padding only after real tokens, as
+    `mlxft.data.batching.share`).  A rank may get no pair (an epoch's short last batch): it
+    then adds nothing to the step but still takes part in its collectives."""
+    if size == 1:
+        return batch
+    pairs, nll_tokens = batch.denominators
+    start, stop = share_bounds(batch.size, rank, size)
+    rows = np.r_[start:stop, batch.size + start : batch.size + stop]
+    lengths = batch.lengths[rows]
+    width = int(lengths.max()) - 1 if len(lengths) else 0
+    ref = None if batch.ref_logps is None else batch.ref_logps[rows]
+    return PairBatch(
+        batch.inputs[rows, :width],
+        batch.targets[rows, :width],
+        batch.mask[rows, :width],
+        lengths,
+        batch.pairs[start:stop],
+        ref,
+        pairs,
+        nll_tokens,
+    )
 
 
 def pair_epoch_batches(

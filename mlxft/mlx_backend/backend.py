@@ -384,12 +384,12 @@ class MLXBackend:
         usable = self._usable(self.model.trainable_parameters(), self.optimizer.state)
         return StepResult(total.item(), int(count.item()), norm.item(), bool(usable.item()), stop)
 
-    def preference_step(self, batches: list, lr: float | None, spec) -> dict:
-        """DPO/ORPO over one process's PairBatch group: an optimizer step at `lr`, or an
-        evaluation (lr None); the sums named in mlxft.training.preference."""
+    def preference_step(self, batches: list, lr: float | None, spec, stop: bool = False) -> dict:
+        """DPO/ORPO over this rank's PairBatch shares of a group: an optimizer step at `lr`, or
+        an evaluation (lr None); the world's sums named in mlxft.training.preference."""
         from mlxft.mlx_backend.preference import preference_step
 
-        return preference_step(self, batches, lr, spec)
+        return preference_step(self, batches, lr, spec, stop)
 
     def frozen_reference(self) -> tuple:
         """(model, head split) of the starting model, frozen: full fine-tuning's DPO reference,

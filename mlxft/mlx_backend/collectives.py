@@ -69,11 +69,19 @@ class Collectives:
 
     def step(self, grads, total, count, stop: bool) -> tuple:
         """(grads, loss sum, token count, stop) summed over the ranks, in one all-reduce."""
-        flat = tree_flatten(grads)
         scalars = mx.stack(
             [total.astype(mx.float32), count.astype(mx.float32), mx.array(float(stop))]
         )
-        buffer = mx.concatenate([g.reshape(-1).astype(mx.float32) for _, g in flat] + [scalars])
+        grads, summed = self.reduce(grads, scalars)
+        total, count, votes = summed[0], summed[1], summed[2]
+        return grads, total, count, bool(votes.item() > 0)
+
+    def reduce(self, grads, scalars: mx.array) -> tuple:
+        """(grads, scalars) summed over the ranks in one all-reduce: every gradient flattened
+        into one float32 buffer with the step's scalars (sums, counts, the stop vote) after."""
+        flat = tree_flatten(grads)
+        tail = scalars.astype(mx.float32).reshape(-1)
+        buffer = mx.concatenate([g.reshape(-1).astype(mx.float32) for _, g in flat] + [tail])
         mx.eval(buffer)  # the local work first: the watchdog bounds the collective alone
         n = buffer.size
         parts = [
@@ -85,8 +93,7 @@ class Collectives:
         for key, g in flat:
             out.append((key, summed[offset : offset + g.size].reshape(g.shape).astype(g.dtype)))
             offset += g.size
-        total, count, votes = summed[n - 3], summed[n - 2], summed[n - 1]
-        return tree_unflatten(out), total, count, bool(votes.item() > 0)
+        return tree_unflatten(out), summed[offset:]
 
     def all_gather(self, values: np.ndarray) -> np.ndarray:
         """Every rank's `values` stacked (size, ...), moved as bytes (every transport sums and

@@ -22,7 +22,7 @@ from mlx.utils import tree_map
 from mlxft.data.batching import head_rows
 from mlxft.mlx_backend.lora import LoRALinear
 from mlxft.mlx_backend.loss import HeadLoss, chunked_token_losses
-from mlxft.training.preference import PreferenceSpec, group_totals, trained_tokens
+from mlxft.training.preference import PreferenceSpec, open_group, pack, trained_tokens, unpack
 
 
 @contextlib.contextmanager
@@ -131,12 +131,15 @@ def reference_logps(backend, a: _Arrays) -> mx.array:
     return out
 
 
-def preference_step(backend, batches: list, lr, spec: PreferenceSpec) -> dict:
-    """One optimizer step over the group (lr given) or an evaluation (lr None): mlxft.preference."""
+def preference_step(backend, batches: list, lr, spec: PreferenceSpec, stop: bool = False) -> dict:
+    """One optimizer step over the group (lr given) or an evaluation (lr None): mlxft.preference.
+    In a distributed world `batches` are this rank's shares; the gradients, every sum and the
+    stop vote are summed over the ranks (one all-reduce per step, one all-gather per
+    evaluation), so every rank returns the world's sums."""
     train = lr is not None and not spec.reference_only
     model = backend.model
     model.train(train)
-    pairs, nll_tokens = group_totals(batches, spec)
+    pairs, nll_tokens, sums = open_group(batches, spec)
     head = _head(backend)
 
     def objective(ref, a: _Arrays):
@@ -147,11 +150,12 @@ def preference_step(backend, batches: list, lr, spec: PreferenceSpec) -> dict:
             total = total + nll / max(nll_tokens, 1.0)
         return total, terms, nll
 
-    sums: dict = {"pairs": pairs, "nll_tokens": nll_tokens, "tokens": 0, "nll_sum": 0.0}
     acc, refs = None, []
     try:
         with backend._kernels():
             for batch in batches:
+                if not batch.size:  # an epoch's short last batch left this rank no pair
+                    continue
                 a = _Arrays(batch, spec)
                 ref = None
                 if spec.needs_reference:
@@ -177,16 +181,29 @@ def preference_step(backend, batches: list, lr, spec: PreferenceSpec) -> dict:
                 sums["tokens"] += trained_tokens(batch, spec)
         if spec.reference_only:
             return {
-                "pairs": np.concatenate([p for p, _ in refs]),
-                "ref_logps": np.concatenate([r for _, r in refs]),
+                "pairs": np.concatenate([p for p, _ in refs] or [np.zeros(0, np.int64)]),
+                "ref_logps": np.concatenate([r for _, r in refs] or [np.zeros((0, 2), np.float32)]),
             }
-        if train:
-            backend.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
-            norm = backend._apply(acc, mx.array(1.0))
-            mx.eval(backend._state, norm)
-            sums["grad_norm"] = norm.item()
-            usable = backend._usable(model.trainable_parameters(), backend.optimizer.state)
-            sums["weights_finite"] = bool(usable.item())
+        if not train:
+            return _world_sums(backend, sums)
+        if backend._comm:
+            if acc is None:
+                acc = tree_map(mx.zeros_like, model.trainable_parameters())
+            acc, summed = backend._comm.reduce(acc, mx.array(pack(sums, stop)))
+            sums = unpack(sums, np.array(summed))
+        backend.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
+        norm = backend._apply(acc, mx.array(1.0))
+        mx.eval(backend._state, norm)
+        sums["grad_norm"] = norm.item()
+        usable = backend._usable(model.trainable_parameters(), backend.optimizer.state)
+        sums["weights_finite"] = bool(usable.item())
     finally:
         model.train()
     return sums
+
+
+def _world_sums(backend, sums: dict) -> dict:
+    """An evaluation's sums over every rank (float64, as `eval_loss`)."""
+    if backend._comm is None:
+        return sums
+    return unpack(sums, backend._comm.all_gather(pack(sums, False)).sum(0))

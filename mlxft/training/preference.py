@@ -26,6 +26,13 @@ The reference π_ref is the base model with the adapter switched off (LoRA/DoRA:
 of the weights), a frozen copy of the starting model for full fine-tuning, or log-probs cached by
 `precompute_ref_log_probs` (computed the same way, once, before the first step).
 
+Data parallelism (`mlx.launch`, `torchrun`) shares each global batch's pairs over the ranks
+(`mlxft.data.preference.share_pairs`: a pair's chosen and rejected rows stay on one rank).  The
+objective's denominators are the global batch's (`open_group`), so the ranks' gradients sum to
+the single-process one; the backend sums them, every sum of `SUM_KEYS` (`pack`) and the stop
+vote over the ranks in the step's one all-reduce, so every rank holds the world's metrics.  The
+precomputed reference log-probs are computed per rank on its shares and gathered.
+
 A group of batches (gradient accumulation) is one objective, normalised as TRL normalises one
 batch: the mean over the group's pairs, plus for ORPO the NLL pooled over the group's chosen
 tokens.  Each batch's terms are scaled by those group totals (known from the data before any
@@ -100,11 +107,20 @@ class PreferenceSpec:
         return self.mode == "dpo"
 
 
-def group_totals(batches: list, spec: PreferenceSpec) -> tuple:
-    """(pairs, NLL tokens) of a group: the denominators of its objective."""
-    pairs = sum(b.size for b in batches)
-    nll_tokens = sum(float(b.nll_mask().sum()) for b in batches) if spec.mode == "orpo" else 0.0
-    return pairs, nll_tokens
+def open_group(batches: list, spec: PreferenceSpec) -> tuple:
+    """(pairs, NLL tokens, sums) of a group: the denominators of its objective, over the whole
+    world when the batches are a rank's shares (`PairBatch.denominators`), and the sums this
+    rank starts from, counting its own pairs and NLL tokens (summed over the ranks later)."""
+    orpo = spec.mode == "orpo"
+    pairs = sum(b.denominators[0] for b in batches)
+    nll_tokens = sum(b.denominators[1] for b in batches) if orpo else 0.0
+    sums = {
+        "pairs": sum(b.size for b in batches),
+        "nll_tokens": sum(float(b.nll_mask().sum()) for b in batches) if orpo else 0.0,
+        "tokens": 0,
+        "nll_sum": 0.0,
+    }
+    return pairs, nll_tokens, sums
 
 
 def trained_tokens(batch, spec: PreferenceSpec) -> int:
@@ -113,6 +129,21 @@ def trained_tokens(batch, spec: PreferenceSpec) -> int:
     if spec.mode == "orpo":
         return int(np.maximum(batch.mask, batch.nll_mask()).sum())
     return batch.ntokens
+
+
+def pack(sums: dict, stop: bool) -> np.ndarray:
+    """A rank's sums (`SUM_KEYS` order) and its stop vote as one vector, to be summed over the
+    ranks with the step's gradients (float64 here; the backends' all-reduce carries float32)."""
+    return np.array([float(sums.get(k, 0.0)) for k in SUM_KEYS] + [float(stop)])
+
+
+def unpack(sums: dict, values) -> dict:
+    """`sums` with the world's sums `values` (a summed `pack`) in place of this rank's, and
+    `stop`: whether any rank voted to stop."""
+    values = np.asarray(values, dtype=np.float64)
+    out = {**sums, **{k: float(v) for k, v in zip(SUM_KEYS, values)}}
+    out["stop"] = bool(values[len(SUM_KEYS)] > 0)
+    return out
 
 
 def log1mexp(x: float) -> float:
@@ -167,7 +198,8 @@ def step_result(sums: dict, spec: PreferenceSpec) -> StepResult:
     weight check."""
     tokens = int(sums["tokens"])
     loss_sum = summarize(sums, spec)["loss"] * max(tokens, 1)
-    return StepResult(loss_sum, tokens, sums["grad_norm"], bool(sums.get("weights_finite", True)))
+    usable = bool(sums.get("weights_finite", True))
+    return StepResult(loss_sum, tokens, sums["grad_norm"], usable, bool(sums.get("stop", False)))
 
 
 def header_line(cfg, spec: PreferenceSpec) -> str:
@@ -206,9 +238,12 @@ def attach_reference(session, spec: PreferenceSpec) -> list:
         tic = time.perf_counter()
         batches = pair_eval_batches(split, cfg.batch_size, session.pad_id)
         only = dataclasses.replace(spec, reference_only=True)
-        out = session._guarded(session.backend.preference_step, batches, None, only)
+        shares = [session.world.share(b) for b in batches]
+        out = session._guarded(session.backend.preference_step, shares, None, only)
         values = np.zeros((len(split), 2), dtype=np.float32)
         values[out["pairs"]] = out["ref_logps"]
+        if session.world.distributed:  # each rank computed its shares: every pair, once
+            values = session.backend.all_gather(values).sum(0)
         split.ref_logps = values
         seconds = time.perf_counter() - tic
         notes.append(f"Reference log-probs of {name}: {len(split)} pairs in {seconds:.1f}s")

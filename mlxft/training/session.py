@@ -211,12 +211,12 @@ class Session:
             group = [next(stream) for _ in range(cfg.grad_accumulation_steps)]
             world.at(f"step {pos.step + 1}")
             comm, tic = backend.comm_seconds, time.perf_counter()
-            if self.spec:  # one process (mlxft.training.world refuses more)
-                sums = self._guarded(backend.preference_step, group, lr, self.spec)
+            shares = [world.share(b) for b in group]  # of pair batches: whole pairs
+            if self.spec:
+                sums = self._guarded(backend.preference_step, shares, lr, self.spec, asked)
                 result = preference.step_result(sums, self.spec)
                 objective = preference.summarize(sums, self.spec)["loss"]
             else:
-                shares = [world.share(b) for b in group]
                 result = self._guarded(backend.train_step, shares, lr, asked)
                 sums = objective = None
             seconds = time.perf_counter() - tic
@@ -279,6 +279,7 @@ class Session:
             val = self.eval_batches(  # now with the cached reference log-probs, if any
                 self.splits["valid"], cfg.batch_size, self.pad_id, cfg.val_batches
             )
+            val = [self.world.share(b) for b in val]
         early = restored[0].get("early_stopping") if restored else None
         # rank 0 owns adapter_path: the lock, the directory, every file; the others compute
         with run_dir.RunLock(self.out) if main else contextlib.nullcontext() as lock:

@@ -12,6 +12,8 @@ the check that every rank starts from the same place.
 Global and per rank:
 - `batch_size` is the global batch: every step each rank trains on its contiguous share of the
   same length-sorted batch (`mlxft.data.batching.share`), so it must divide by the world size;
+  DPO/ORPO shares pairs, a pair's chosen and rejected rows together
+  (`mlxft.data.preference.share_pairs`);
 - the backend sums gradients, token losses and trained-token counts over the ranks and divides
   by the global count, so the loss and the update are the single-process run's (to rounding);
 - the data position, the step and the schedule are global (a checkpoint resumes on another
@@ -31,6 +33,7 @@ import numpy as np
 
 from mlxft import flags
 from mlxft.data.batching import share
+from mlxft.data.preference import PairBatch, share_pairs
 from mlxft.errors import UserError
 
 DEFAULT_TIMEOUT = 600.0  # seconds; Config.distributed_timeout's default
@@ -69,7 +72,10 @@ class World:
         )
 
     def share(self, batch):
-        """This rank's rows of a global batch (the batch itself in one process)."""
+        """This rank's rows of a global batch (the batch itself in one process); of a pair
+        batch, its pairs, each with its chosen and rejected row."""
+        if isinstance(batch, PairBatch):
+            return share_pairs(batch, self.rank, self.size)
         return share(batch, self.rank, self.size)
 
     def guard(self, what: str):
@@ -122,14 +128,6 @@ def read_world(cfg, env: dict) -> World:
     if ours is None:
         return World(timeout=cfg.distributed_timeout)
     ours.timeout = cfg.distributed_timeout
-    if ours.size > 1 and cfg.train_mode != "sft":
-        # preference_step sums over one process only: no all-reduce of its pair terms yet
-        raise UserError(
-            f"train_mode {cfg.train_mode} runs in one process; {ours.launcher} started "
-            f"{ours.size}: start it without {ours.launcher} (data-parallel DPO/ORPO is not "
-            "supported yet)",
-            every_rank=True,
-        )
     if ours.size > 1 and cfg.batch_size % ours.size:
         raise UserError(
             f"batch_size {cfg.batch_size} does not divide evenly over the {ours.size} processes "

@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlxft.data.batching import head_rows
 from mlxft.torch_backend.lora import LoRALinear
-from mlxft.training.preference import PreferenceSpec, open_group, pack, trained_tokens, unpack
+from mlxft.training.preference import (
+    PreferenceSpec,
+    loss_rows,
+    open_group,
+    pack,
+    pair_terms,
+    reference_result,
+    trained_tokens,
+    unpack,
+    world_sums,
+)
 
 
 @contextlib.contextmanager
@@ -41,14 +49,6 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _rows(batch, spec: PreferenceSpec) -> np.ndarray:
-    """Flat positions whose token log-prob the loss reads (all, when nearly all or
-    MLXFT_HEAD_ROWS=0)."""
-    need = np.maximum(batch.mask, batch.nll_mask()) if spec.mode == "orpo" else batch.mask
-    rows = head_rows(need)
-    return np.arange(need.size) if rows is None else rows.astype(np.int64)
-
-
 def token_logps(
     model, split, inputs: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor
 ) -> torch.Tensor:
@@ -62,44 +62,11 @@ def token_logps(
     return -F.cross_entropy(logits.float(), targets.flatten()[rows], reduction="none")
 
 
-def pair_terms(logps: torch.Tensor, ref, counts: torch.Tensor, spec: PreferenceSpec) -> tuple:
-    """(per-pair losses (B,), {sum name: value}) from per-row answer log-prob sums (2B,)."""
-    half = logps.shape[0] // 2
-    beta = spec.beta
-    if spec.mode == "dpo":
-        ratios = logps - ref
-        ratio_c, ratio_r = ratios[:half], ratios[half:]
-        delta = beta * (ratio_c - ratio_r)
-        eps = spec.label_smoothing
-        losses = -(1 - eps) * F.logsigmoid(delta) - eps * F.logsigmoid(-delta)
-        chosen, rejected, values = beta * ratio_c, beta * ratio_r, logps
-        extra = {}
-    else:
-        avg = logps / counts
-        a_c, a_r = avg[:half], avg[half:]
-        log_odds = (a_c - a_r) - (log1mexp(a_c) - log1mexp(a_r))
-        ratio = F.logsigmoid(log_odds)
-        losses = -beta * ratio
-        chosen, rejected, values = beta * a_c, beta * a_r, avg
-        extra = {"log_odds_ratio": ratio.sum(), "log_odds_chosen": log_odds.sum()}
-    sums = {
-        "loss_sum": losses.sum(),
-        "chosen_rewards": chosen.sum(),
-        "rejected_rewards": rejected.sum(),
-        "accuracies": (chosen > rejected).float().sum(),
-        "margins": (chosen - rejected).sum(),
-        "chosen_logps": values[:half].sum(),
-        "rejected_logps": values[half:].sum(),
-        **extra,
-    }
-    return losses, {k: v.detach() for k, v in sums.items()}
-
-
 class _Tensors:
     """One batch on the device: inputs, targets, the rows read and what each row adds to."""
 
     def __init__(self, batch, spec: PreferenceSpec, device):
-        rows = _rows(batch, spec)
+        rows = loss_rows(batch, spec)
         width = batch.inputs.shape[1]
         self.inputs = torch.as_tensor(batch.inputs, dtype=torch.long, device=device)
         self.targets = torch.as_tensor(batch.targets, dtype=torch.long, device=device)
@@ -164,7 +131,8 @@ def preference_step(backend, batches: list, lr, spec: PreferenceSpec, stop: bool
                 continue
         with torch.set_grad_enabled(train):
             logps, nll = t.logps(backend.model, backend._split)
-            losses, terms = pair_terms(logps, ref, t.counts, spec)
+            losses, terms = pair_terms(logps, ref, t.counts, spec, F.logsigmoid, log1mexp)
+            terms = {k: v.detach() for k, v in terms.items()}
             objective = losses.sum() / pairs
             if spec.mode == "orpo":
                 objective = objective + nll / max(nll_tokens, 1.0)
@@ -175,14 +143,9 @@ def preference_step(backend, batches: list, lr, spec: PreferenceSpec, stop: bool
         sums["nll_sum"] += nll.item()
         sums["tokens"] += trained_tokens(batch, spec)
     if spec.reference_only:
-        return {
-            "pairs": np.concatenate([p for p, _ in refs] or [np.zeros(0, np.int64)]),
-            "ref_logps": np.concatenate([r for _, r in refs] or [np.zeros((0, 2), np.float32)]),
-        }
+        return reference_result(refs)
     if not train:
-        if backend._comm is None:
-            return sums
-        return unpack(sums, backend._comm.all_gather(pack(sums, False)).sum(0))
+        return world_sums(backend._comm, sums)
     if backend._comm:
         summed = backend._comm.reduce(params, torch.as_tensor(pack(sums, stop)))
         sums = unpack(sums, summed.cpu().numpy())

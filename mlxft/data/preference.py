@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlxft.data.batching import make_batch, share_bounds, shuffled, sorted_chunks, spread
+from mlxft.data.batching import Batch, make_batch, share_bounds, shuffled, sorted_chunks, spread
 from mlxft.data.loader import load_records
-from mlxft.data.records import _short, check_same_format
+from mlxft.data.records import _short, check_messages, check_same_format
 from mlxft.data.render import Renderer
 from mlxft.data.tokenize import encode
 from mlxft.errors import UserError
@@ -46,7 +46,6 @@ HELP = (
     '{"prompt": str, "chosen": str, "rejected": str}, or conversational: {"prompt": [messages], '
     '"chosen": [assistant messages], "rejected": [assistant messages]}'
 )
-_MESSAGES = 'a list of {"role": ..., "content": ...} objects'
 
 
 @dataclass
@@ -82,13 +81,11 @@ class PreferenceSplit:
 
 
 @dataclass
-class PairBatch:
-    """B pairs as one model batch of 2B rows: rows [0, B) chosen, [B, 2B) rejected (numpy only)."""
+class PairBatch(Batch):
+    """B pairs as one model batch of 2B rows: rows [0, B) chosen, [B, 2B) rejected (numpy only);
+    `mask` is 1 where the target is an answer (chosen or rejected) token, so `ntokens` counts
+    the positions the preference loss is computed on."""
 
-    inputs: np.ndarray  # (2B, T) int32 = tokens[:, :-1], padded
-    targets: np.ndarray  # (2B, T) int32 = tokens[:, 1:]
-    mask: np.ndarray  # (2B, T) float32: 1 where the target is an answer (chosen/rejected) token
-    lengths: np.ndarray  # (2B,) int32 tokens per row before padding
     pairs: np.ndarray  # (B,) int64 pair indices in the split (reference log-prob cache)
     ref_logps: np.ndarray | None = (
         None  # (2B,) float32 cached reference log-probs, chosen then rejected
@@ -109,15 +106,6 @@ class PairBatch:
         if self.world_pairs is not None:
             return self.world_pairs, self.world_nll_tokens
         return self.size, float(self.nll_mask().sum())
-
-    @property
-    def ntokens(self) -> int:
-        """Answer tokens, both sides: the positions the preference loss is computed on."""
-        return int(self.mask.sum())
-
-    @property
-    def real_tokens(self) -> int:
-        return int(np.sum(self.lengths - 1))
 
     def nll_mask(self) -> np.ndarray:
         """ORPO's NLL positions: every real target of the chosen rows, prompt included (as TRL,
@@ -146,20 +134,6 @@ def detect_format(record: dict, where: str) -> str:
     return "preference_chat" if isinstance(record["prompt"], list) else "preference"
 
 
-def _check_messages(value, key: str, where: str) -> None:
-    if not isinstance(value, list) or not value:
-        raise UserError(
-            f"{where}: '{key}' must be {_MESSAGES} in a conversational record, got {_short(value)}"
-        )
-    for i, msg in enumerate(value):
-        if not (
-            isinstance(msg, dict)
-            and isinstance(msg.get("role"), str)
-            and isinstance(msg.get("content"), str)
-        ):
-            raise UserError(f"{where}: '{key}' must be {_MESSAGES}; item {i} is {_short(msg)}")
-
-
 def validate(record: dict, fmt: str, where: str) -> None:
     """Value types for the format, and a real preference (chosen differs from rejected)."""
     for key in KEYS:
@@ -170,7 +144,7 @@ def validate(record: dict, fmt: str, where: str) -> None:
                     f"got {_short(record[key])}"
                 )
         else:
-            _check_messages(record[key], key, where)
+            check_messages(record[key], key, where, " in a conversational record")
     if record["chosen"] == record["rejected"]:
         raise UserError(
             f"{where}: 'chosen' and 'rejected' are identical, so there is no preference to learn; "

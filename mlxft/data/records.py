@@ -191,19 +191,23 @@ def validate(record: dict, fmt: str, where: str) -> None:
         _need_str(record, "input", where, optional=True)
         _need_str(record, "output", where)
     elif fmt == "chat":
-        messages = record["messages"]
-        shape = 'a list of {"role": ..., "content": ...} objects'
-        if not isinstance(messages, list) or not messages:
-            raise UserError(f"{where}: 'messages' must be {shape}, got {_short(messages)}")
-        for i, msg in enumerate(messages):
-            if not (
-                isinstance(msg, dict)
-                and isinstance(msg.get("role"), str)
-                and isinstance(msg.get("content"), str)
-            ):
-                raise UserError(f"{where}: 'messages' must be {shape}; item {i} is {_short(msg)}")
+        check_messages(record["messages"], "messages", where)
     elif fmt == "sharegpt":
         _validate_sharegpt(record, where)
+
+
+def check_messages(value, key: str, where: str, context: str = "") -> None:
+    """`value` (the record's `key`) is a non-empty list of {"role": str, "content": str}."""
+    shape = 'a list of {"role": ..., "content": ...} objects'
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: '{key}' must be {shape}{context}, got {_short(value)}")
+    for i, msg in enumerate(value):
+        if not (
+            isinstance(msg, dict)
+            and isinstance(msg.get("role"), str)
+            and isinstance(msg.get("content"), str)
+        ):
+            raise UserError(f"{where}: '{key}' must be {shape}; item {i} is {_short(msg)}")
 
 
 def _validate_sharegpt(record: dict, where: str) -> None:

@@ -19,10 +19,19 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
-from mlxft.data.batching import head_rows
 from mlxft.mlx_backend.lora import LoRALinear
 from mlxft.mlx_backend.loss import HeadLoss, chunked_token_losses
-from mlxft.training.preference import PreferenceSpec, open_group, pack, trained_tokens, unpack
+from mlxft.training.preference import (
+    PreferenceSpec,
+    loss_rows,
+    open_group,
+    pack,
+    pair_terms,
+    reference_result,
+    trained_tokens,
+    unpack,
+    world_sums,
+)
 
 
 @contextlib.contextmanager
@@ -59,46 +68,11 @@ def token_logps(model, head, inputs: mx.array, targets: mx.array, rows: mx.array
     return -nn.losses.cross_entropy(head.project(hidden).astype(mx.float32), targets)
 
 
-def pair_terms(logps: mx.array, ref, counts: mx.array, spec: PreferenceSpec) -> tuple:
-    """(per-pair losses (B,), {sum name: value}) from per-row answer log-prob sums (2B,)."""
-    half = logps.shape[0] // 2
-    beta = spec.beta
-    if spec.mode == "dpo":
-        ratios = logps - ref
-        ratio_c, ratio_r = ratios[:half], ratios[half:]
-        delta = beta * (ratio_c - ratio_r)
-        eps = spec.label_smoothing
-        losses = -(1 - eps) * nn.log_sigmoid(delta) - eps * nn.log_sigmoid(-delta)
-        chosen, rejected, values = beta * ratio_c, beta * ratio_r, logps
-        extra = {}
-    else:
-        avg = logps / counts
-        a_c, a_r = avg[:half], avg[half:]
-        log_odds = (a_c - a_r) - (log1mexp(a_c) - log1mexp(a_r))
-        ratio = nn.log_sigmoid(log_odds)
-        losses = -beta * ratio
-        chosen, rejected, values = beta * a_c, beta * a_r, avg
-        extra = {"log_odds_ratio": ratio.sum(), "log_odds_chosen": log_odds.sum()}
-    sums = {
-        "loss_sum": losses.sum(),
-        "chosen_rewards": chosen.sum(),
-        "rejected_rewards": rejected.sum(),
-        "accuracies": (chosen > rejected).astype(mx.float32).sum(),
-        "margins": (chosen - rejected).sum(),
-        "chosen_logps": values[:half].sum(),
-        "rejected_logps": values[half:].sum(),
-        **extra,
-    }
-    return losses, sums
-
-
 class _Arrays:
     """One batch as MLX arrays: inputs, targets, the rows read and the row each one adds to."""
 
     def __init__(self, batch, spec: PreferenceSpec):
-        need = np.maximum(batch.mask, batch.nll_mask()) if spec.mode == "orpo" else batch.mask
-        rows = head_rows(need)
-        rows = np.arange(need.size) if rows is None else rows.astype(np.int64)
+        rows = loss_rows(batch, spec)
         seq = rows // batch.inputs.shape[1]
         self.n = len(batch.lengths)
         self.inputs, self.targets = mx.array(batch.inputs), mx.array(batch.targets)
@@ -144,7 +118,7 @@ def preference_step(backend, batches: list, lr, spec: PreferenceSpec, stop: bool
 
     def objective(ref, a: _Arrays):
         logps, nll = a.logps(model, head)
-        losses, terms = pair_terms(logps, ref, a.counts, spec)
+        losses, terms = pair_terms(logps, ref, a.counts, spec, nn.log_sigmoid, log1mexp)
         total = losses.sum() / pairs
         if spec.mode == "orpo":
             total = total + nll / max(nll_tokens, 1.0)
@@ -180,12 +154,9 @@ def preference_step(backend, batches: list, lr, spec: PreferenceSpec, stop: bool
                 sums["nll_sum"] += nll.item()
                 sums["tokens"] += trained_tokens(batch, spec)
         if spec.reference_only:
-            return {
-                "pairs": np.concatenate([p for p, _ in refs] or [np.zeros(0, np.int64)]),
-                "ref_logps": np.concatenate([r for _, r in refs] or [np.zeros((0, 2), np.float32)]),
-            }
+            return reference_result(refs)
         if not train:
-            return _world_sums(backend, sums)
+            return world_sums(backend._comm, sums)
         if backend._comm:
             if acc is None:
                 acc = tree_map(mx.zeros_like, model.trainable_parameters())
@@ -200,10 +171,3 @@ def preference_step(backend, batches: list, lr, spec: PreferenceSpec, stop: bool
     finally:
         model.train()
     return sums
-
-
-def _world_sums(backend, sums: dict) -> dict:
-    """An evaluation's sums over every rank (float64, as `eval_loss`)."""
-    if backend._comm is None:
-        return sums
-    return unpack(sums, backend._comm.all_gather(pack(sums, False)).sum(0))

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from mlxft.backend import StepResult
+from mlxft.data.batching import head_rows
 from mlxft.data.preference import pair_eval_batches
 from mlxft.fileio import save_safetensors
 
@@ -123,12 +124,73 @@ def open_group(batches: list, spec: PreferenceSpec) -> tuple:
     return pairs, nll_tokens, sums
 
 
-def trained_tokens(batch, spec: PreferenceSpec) -> int:
+def loss_mask(batch, spec: PreferenceSpec) -> np.ndarray:
     """Positions a loss term is computed on: both answers (DPO), plus the chosen prompts (ORPO's
     NLL)."""
-    if spec.mode == "orpo":
-        return int(np.maximum(batch.mask, batch.nll_mask()).sum())
-    return batch.ntokens
+    return np.maximum(batch.mask, batch.nll_mask()) if spec.mode == "orpo" else batch.mask
+
+
+def trained_tokens(batch, spec: PreferenceSpec) -> int:
+    return int(loss_mask(batch, spec).sum())
+
+
+def loss_rows(batch, spec: PreferenceSpec) -> np.ndarray:
+    """Flat positions whose token log-prob the loss reads: the output head runs on these only
+    (all positions when nearly all are needed, or MLXFT_HEAD_ROWS=0)."""
+    need = loss_mask(batch, spec)
+    rows = head_rows(need)
+    return np.arange(need.size) if rows is None else rows.astype(np.int64)
+
+
+def pair_terms(logps, ref, counts, spec: PreferenceSpec, log_sigmoid, log1mexp) -> tuple:
+    """(per-pair losses (B,), {sum name: value}) from per-row answer log-prob sums (2B,: chosen
+    rows, then rejected), the math of this module's docstring written once for both backends:
+    arrays of either framework, with its `log_sigmoid` and `log1mexp` passed in."""
+    half = logps.shape[0] // 2
+    beta = spec.beta
+    if spec.mode == "dpo":
+        ratios = logps - ref
+        ratio_c, ratio_r = ratios[:half], ratios[half:]
+        delta = beta * (ratio_c - ratio_r)
+        eps = spec.label_smoothing
+        losses = -(1 - eps) * log_sigmoid(delta) - eps * log_sigmoid(-delta)
+        chosen, rejected, values = beta * ratio_c, beta * ratio_r, logps
+        extra = {}
+    else:
+        avg = logps / counts
+        a_c, a_r = avg[:half], avg[half:]
+        log_odds = (a_c - a_r) - (log1mexp(a_c) - log1mexp(a_r))
+        ratio = log_sigmoid(log_odds)
+        losses = -beta * ratio
+        chosen, rejected, values = beta * a_c, beta * a_r, avg
+        extra = {"log_odds_ratio": ratio.sum(), "log_odds_chosen": log_odds.sum()}
+    sums = {
+        "loss_sum": losses.sum(),
+        "chosen_rewards": chosen.sum(),
+        "rejected_rewards": rejected.sum(),
+        "accuracies": ((chosen > rejected) * 1.0).sum(),  # bool -> float in either framework
+        "margins": (chosen - rejected).sum(),
+        "chosen_logps": values[:half].sum(),
+        "rejected_logps": values[half:].sum(),
+        **extra,
+    }
+    return losses, sums
+
+
+def reference_result(refs: list) -> dict:
+    """A reference-only pass's result from its [(pair indices, (pairs, 2) log-probs)]."""
+    return {
+        "pairs": np.concatenate([p for p, _ in refs] or [np.zeros(0, np.int64)]),
+        "ref_logps": np.concatenate([r for _, r in refs] or [np.zeros((0, 2), np.float32)]),
+    }
+
+
+def world_sums(comm, sums: dict) -> dict:
+    """An evaluation's sums over every rank (float64 all-gather, as `eval_loss`); `comm` is the
+    backend's collectives, None in one process."""
+    if comm is None:
+        return sums
+    return unpack(sums, comm.all_gather(pack(sums, False)).sum(0))
 
 
 def pack(sums: dict, stop: bool) -> np.ndarray:

@@ -19,7 +19,6 @@ logits, the reference model as a second loaded copy, its mx.compile'd step.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -27,23 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import mlxft  # noqa: E402,F401  (OpenBLAS before mlx.core, as for our trainer)
-from mlxft.cpu import blas  # noqa: E402
-
-
-class JsonLines:
-    def __init__(self, path: str):
-        self.handle = open(path, "w", buffering=1)
-        self.handle.write(json.dumps({"blas": blas.status()}) + "\n")
-
-    def on_train_loss_report(self, info: dict) -> None:
-        self.handle.write(
-            json.dumps({k: float(v) if hasattr(v, "item") else v for k, v in info.items()}) + "\n"
-        )
-
-    def on_val_loss_report(self, info: dict) -> None:
-        self.handle.write(
-            json.dumps({k: float(v) if hasattr(v, "item") else v for k, v in info.items()}) + "\n"
-        )
+from benchmarks.mlx_lm_run import JsonLines  # noqa: E402  (the same per-report JSON lines)
 
 
 def flag(args: list, name: str, default=None):

@@ -32,10 +32,7 @@ class JsonLines:
             json.dumps({k: float(v) if hasattr(v, "item") else v for k, v in info.items()}) + "\n"
         )
 
-    def on_val_loss_report(self, info: dict) -> None:
-        self.handle.write(
-            json.dumps({k: float(v) if hasattr(v, "item") else v for k, v in info.items()}) + "\n"
-        )
+    on_val_loss_report = on_train_loss_report  # the same line, with the validation keys
 
 
 class _Rows:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -427,7 +428,10 @@ def assert_same_run(reference: Path, run: Path) -> None:
 
 
 def error_lines(text: str) -> list:
-    return [line for line in text.splitlines() if line.startswith("Error:")]
+    """Our one-line errors. The launcher and the ranks share one stderr, so a launcher warning
+    written without its newline (`[WARN] Node … exited with code -9`) can precede ours on the
+    same line; a traceback's `RuntimeError:` is not ours (a letter before `Error:`)."""
+    return [m.group(0) for m in re.finditer(r"(?<![A-Za-z])Error: .*", text)]
 
 
 BACKENDS = ["mlx", "torch"]

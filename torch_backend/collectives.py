@@ -55,17 +55,10 @@ class Collectives:
     def _run(self, what: str, fn) -> None:
         """One collective inside the watchdog's bound; a lost peer is one line."""
         tic = time.perf_counter()
-        with self.world.guard(what):
-            try:
-                fn()
-                if self.device.type == "cuda":  # NCCL only queues the work: wait for it here
-                    torch.cuda.synchronize(self.device)
-            except RuntimeError as err:
-                raise UserError(
-                    f"lost another rank during {what} ({engine_message(err)}): "
-                    "it died or was stopped (see its error); continue with --resume from the "
-                    "last checkpoint"
-                ) from None
+        with self.world.collective(what):
+            fn()
+            if self.device.type == "cuda":  # NCCL only queues the work: wait for it here
+                torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - tic
 
     def step(self, params: list, total: torch.Tensor, count: int, stop: bool) -> tuple:

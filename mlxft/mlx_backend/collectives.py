@@ -49,16 +49,9 @@ class Collectives:
     def _run(self, what: str, make) -> mx.array:
         """One collective, evaluated inside the watchdog's bound; a lost peer is one line."""
         tic = time.perf_counter()
-        with self.world.guard(what):
-            try:
-                out = make()
-                mx.eval(out)
-            except RuntimeError as err:
-                raise UserError(
-                    f"lost another rank during {what} ({engine_message(err)}): "
-                    "it died or was stopped (see its error); continue with --resume from the "
-                    "last checkpoint"
-                ) from None
+        with self.world.collective(what):
+            out = make()
+            mx.eval(out)
         self.seconds += time.perf_counter() - tic
         return out
 

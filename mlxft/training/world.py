@@ -34,7 +34,7 @@ import numpy as np
 from mlxft import flags
 from mlxft.data.batching import share
 from mlxft.data.preference import PairBatch, share_pairs
-from mlxft.errors import UserError
+from mlxft.errors import UserError, engine_message
 
 DEFAULT_TIMEOUT = 600.0  # seconds; Config.distributed_timeout's default
 
@@ -81,6 +81,20 @@ class World:
     def guard(self, what: str):
         """A bounded wait for a collective (nothing in one process)."""
         return self.watchdog.guard(what) if self.watchdog else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def collective(self, what: str):
+        """One collective of either backend: inside the watchdog's bound, and a peer lost
+        during it (the engine raises RuntimeError) is one line with the way to continue."""
+        with self.guard(what):
+            try:
+                yield
+            except RuntimeError as err:
+                raise UserError(
+                    f"lost another rank during {what} ({engine_message(err)}): "
+                    "it died or was stopped (see its error); continue with --resume from the "
+                    "last checkpoint"
+                ) from None
 
     def at(self, where: str) -> None:
         """Where the run is (`step 7`), for the watchdog's message."""

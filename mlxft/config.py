@@ -166,6 +166,10 @@ class Config:
     """DPO: strength of the pull toward the reference; ORPO: weight of the odds-ratio term."""
     label_smoothing: float = 0.0
     """DPO: assumed share of flipped preference labels (conservative DPO), in [0, 0.5)."""
+    rpo_alpha: float | None = None
+    """DPO: add rpo_alpha x the mean NLL of the chosen answers (RPO; TRL's loss_type [sigmoid,
+    sft] with loss_weights [1, rpo_alpha]), so the chosen answers' own tokens are trained, not
+    only their margin over the rejected ones (unset: plain DPO)."""
     max_prompt_length: int | None = None
     """Preference prompts keep their last N tokens (unset: the whole prompt)."""
     precompute_ref_log_probs: bool = False
@@ -666,6 +670,16 @@ def _validate_preference(cfg: Config, need) -> None:
         cfg.label_smoothing == 0 or cfg.train_mode == "dpo",
         "label_smoothing",
         "label_smoothing applies to train_mode dpo only; remove it or set train_mode: dpo",
+    )
+    need(
+        cfg.rpo_alpha is None or cfg.rpo_alpha > 0,
+        "rpo_alpha",
+        f"rpo_alpha must be > 0 (or unset for plain DPO), got {cfg.rpo_alpha}",
+    )
+    need(
+        cfg.rpo_alpha is None or cfg.train_mode == "dpo",
+        "rpo_alpha",
+        "rpo_alpha applies to train_mode dpo only (ORPO's objective has its NLL term already)",
     )
     need(
         not cfg.precompute_ref_log_probs or cfg.train_mode == "dpo",

@@ -630,6 +630,11 @@ CASES = [
         ),
     ),
     Case(
+        "pref-rpo-alpha-orpo",
+        lambda e: e.train("--train-mode", "orpo", "--rpo-alpha", "1", data=e.data_dir("d", [PAIR])),
+        ("rpo_alpha applies to train_mode dpo only",),
+    ),
+    Case(
         "data-hub-offline",
         lambda e: e.train(data="nobody/no-such-dataset"),
         (

@@ -97,7 +97,8 @@ def test_pair_shares_keep_a_pairs_chosen_and_rejected_together():
     assert first.ntokens + second.ntokens == batch.ntokens
     # the objective's denominators stay the global batch's on every share
     assert first.denominators == second.denominators == batch.denominators
-    assert batch.denominators == (5, float(batch.nll_mask().sum()))
+    nll = (float(batch.nll_mask(prompt=True).sum()), float(batch.nll_mask(prompt=False).sum()))
+    assert batch.denominators == (5, *nll)
     assert share_pairs(batch, 0, 1) is batch
 
 

@@ -181,8 +181,11 @@ def test_pair_batches_concatenate_sort_and_replay(tiny_llama, pairs, tmp_path):
         assert list(b.targets[3 + row, : len(split.rejected[pair]) - 1]) == list(
             split.rejected[pair][1:]
         )
-    nll = b.nll_mask()
+    nll = b.nll_mask(prompt=True)  # ORPO: every target of the chosen rows
     assert nll[3:].sum() == 0 and nll[0].sum() == len(split.chosen[b.pairs[0]]) - 1
+    answers = b.nll_mask(prompt=False)  # RPO: the chosen answers only
+    assert answers[3:].sum() == 0 and answers[0].sum() == split.chosen_masks[b.pairs[0]].sum()
+    assert answers[0].sum() < nll[0].sum()
     widths = split.widths()
     spans = sorted((widths[b.pairs].min(), widths[b.pairs].max()) for b in batches)
     assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # length-sorted chunks
@@ -207,6 +210,11 @@ def test_config_checks():
         build(train_mode="dpo", label_smoothing=0.5)
     with pytest.raises(UserError, match="label_smoothing applies to train_mode dpo only"):
         build(train_mode="orpo", label_smoothing=0.1)
+    assert build(train_mode="dpo", rpo_alpha=1.0).rpo_alpha == 1.0
+    with pytest.raises(UserError, match=r"rpo_alpha must be > 0 \(or unset for plain DPO\)"):
+        build(train_mode="dpo", rpo_alpha=0)
+    with pytest.raises(UserError, match="rpo_alpha applies to train_mode dpo only"):
+        build(train_mode="orpo", rpo_alpha=1.0)
     with pytest.raises(UserError, match="precompute_ref_log_probs applies to train_mode dpo only"):
         build(train_mode="orpo", precompute_ref_log_probs=True)
     with pytest.raises(
@@ -246,11 +254,12 @@ def test_reference_is_the_starting_model(tiny_llama, pairs, tmp_path, backend, k
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["dpo", "orpo"])
+@pytest.mark.parametrize("mode", ["dpo", "orpo", "rpo"])
 def test_accumulation_is_the_bigger_batch(tiny_llama, pairs, tmp_path, backend, mode):
     """Two batches of 2 pairs in one group give the group of one batch of 4: same loss, metrics
-    and gradients (each batch's terms are scaled by the group's totals)."""
-    cfg = _cfg(tiny_llama, pairs, tmp_path / "o", backend=backend, train_mode=mode)
+    and gradients (each batch's terms are scaled by the group's totals; rpo: DPO + rpo_alpha)."""
+    extra = {"train_mode": "dpo", "rpo_alpha": 0.5} if mode == "rpo" else {"train_mode": mode}
+    cfg = _cfg(tiny_llama, pairs, tmp_path / "o", backend=backend, **extra)
     session = Session(cfg, reporter_quiet=True)
     session.backend.set_adapter_weights(
         {k: np.full_like(v, 0.03) for k, v in session.backend.adapter_weights().items()}

@@ -6,7 +6,8 @@ on a tiny fp32 llama with a PEFT LoRA adapter, starting from the same adapter we
 the same batch order (a sequential sampler over the pairs listed in our batch order), AdamW with
 the same settings, no dropout.  TRL tokenizes the string records itself, and the tokens must
 equal ours.  Step 1: loss, rewards, log-probs and every adapter gradient within 1e-5; 10
-steps: per-step loss and metrics within 1e-4 (torch); MLX within 1e-4 of torch.
+steps: per-step loss and metrics within 1e-4 (torch); MLX within 1e-4 of torch.  Three modes:
+dpo, orpo, and rpo (DPO with `rpo_alpha`: TRL's loss_type [sigmoid, sft], loss_weights [1, a]).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tests.conftest import REPO  # noqa: E402
 PAIRS = REPO / "examples" / "data" / "wikisql_dpo" / "train.jsonl"
 KEYS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, LR, STEPS, BATCH = 4, 8.0, 5e-3, 10, 2
+RPO_ALPHA = 0.5
 METRICS = {
     "dpo": [
         "rewards/chosen",
@@ -50,6 +52,7 @@ METRICS = {
         "log_odds_chosen",
     ],
 }
+METRICS["rpo"] = METRICS["dpo"]  # TRL logs no separate sft term
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,6 +91,8 @@ def data(tmp_path_factory):
 
 
 def _config(model, data, out, mode, backend="torch", **extra):
+    if mode == "rpo":
+        mode, extra = "dpo", {"rpo_alpha": RPO_ALPHA, **extra}
     values = dict(
         model=str(model),
         data=str(data),
@@ -191,6 +196,9 @@ def _trl_run(
     seen = {"steps": [], "grads": None}
     if mode == "dpo":
         base, config = trl.DPOTrainer, trl.DPOConfig(max_length=None, **common)
+    elif mode == "rpo":
+        losses = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, RPO_ALPHA])
+        base, config = trl.DPOTrainer, trl.DPOConfig(max_length=None, **losses, **common)
     else:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -210,7 +218,7 @@ def _trl_run(
                 }
             return out
 
-        if mode == "dpo":
+        if mode != "orpo":
 
             def _compute_loss(self, model, inputs, return_outputs):
                 loss = super()._compute_loss(model, inputs, return_outputs)
@@ -306,7 +314,7 @@ def _trl_key(name: str) -> str:
     return name.replace(".default.", ".")
 
 
-@pytest.fixture(scope="module", params=["dpo", "orpo"])
+@pytest.fixture(scope="module", params=["dpo", "orpo", "rpo"])
 def runs(request, tiny_llama, data, weights, tmp_path_factory):
     mode = request.param
     cfg = _config(tiny_llama, data, tmp_path_factory.mktemp("o"), mode)
@@ -326,7 +334,7 @@ def test_tokens_equal_trls(runs):
     split = runs["torch"]["session"].splits["train"]
     dataset = runs["trl"]["dataset"]
     for row, pair in zip(dataset, runs["order"]):
-        if runs["mode"] == "dpo":
+        if runs["mode"] != "orpo":
             trl_chosen = row["prompt_ids"] + row["chosen_ids"]
             trl_rejected = row["prompt_ids"] + row["rejected_ids"]
             answer = [0] * len(row["prompt_ids"]) + [1] * len(row["chosen_ids"])

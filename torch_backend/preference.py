@@ -76,7 +76,7 @@ class _Tensors:
             batch.mask.reshape(-1)[rows], dtype=torch.float32, device=device
         )
         self.nll = torch.as_tensor(
-            batch.nll_mask().reshape(-1)[rows], dtype=torch.float32, device=device
+            spec.nll_mask(batch).reshape(-1)[rows], dtype=torch.float32, device=device
         )
         self.counts = torch.as_tensor(batch.mask.sum(1), dtype=torch.float32, device=device)
         self.n = len(batch.lengths)
@@ -134,8 +134,8 @@ def preference_step(backend, batches: list, lr, spec: PreferenceSpec, stop: bool
             losses, terms = pair_terms(logps, ref, t.counts, spec, F.logsigmoid, log1mexp)
             terms = {k: v.detach() for k, v in terms.items()}
             objective = losses.sum() / pairs
-            if spec.mode == "orpo":
-                objective = objective + nll / max(nll_tokens, 1.0)
+            if spec.nll_weight:
+                objective = objective + spec.nll_weight * nll / max(nll_tokens, 1.0)
             if train:
                 objective.backward()
         for key, value in terms.items():

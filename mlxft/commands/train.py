@@ -178,6 +178,9 @@ def _lora_overrides(kw: dict) -> dict:
 @click.option(
     "--label-smoothing", type=float, help="DPO: assumed share of flipped labels, in [0, 0.5)."
 )
+@click.option(
+    "--rpo-alpha", type=float, help="DPO: + this x the NLL of the chosen answers (RPO; unset: off)."
+)
 @click.option("--max-prompt-length", type=int, help="Preference prompts keep their last N tokens.")
 @click.option(
     "--precompute-ref-log-probs",

@@ -90,10 +90,10 @@ class PairBatch(Batch):
     ref_logps: np.ndarray | None = (
         None  # (2B,) float32 cached reference log-probs, chosen then rejected
     )
-    # a rank's share (`share_pairs`): the global batch's pairs and ORPO NLL tokens, the
-    # denominators of the objective, so the ranks' gradients sum to the global batch's
-    world_pairs: int | None = None
-    world_nll_tokens: float | None = None
+    # a rank's share (`share_pairs`): the global batch's (pairs, NLL tokens with the prompt,
+    # NLL tokens of the answers), the denominators of the objective, so the ranks' gradients
+    # sum to the global batch's
+    world: tuple | None = None
 
     @property
     def size(self) -> int:
@@ -102,16 +102,25 @@ class PairBatch(Batch):
 
     @property
     def denominators(self) -> tuple:
-        """(pairs, ORPO NLL tokens) of the global batch this one is (a share of)."""
-        if self.world_pairs is not None:
-            return self.world_pairs, self.world_nll_tokens
-        return self.size, float(self.nll_mask().sum())
+        """(pairs, chosen tokens with the prompt, chosen answer tokens) of the global batch this
+        one is (a share of): the denominators of ORPO's NLL and of DPO's `rpo_alpha` NLL."""
+        if self.world is not None:
+            return self.world
+        return (
+            self.size,
+            float(self.nll_mask(prompt=True).sum()),
+            float(self.nll_mask(prompt=False).sum()),
+        )
 
-    def nll_mask(self) -> np.ndarray:
-        """ORPO's NLL positions: every real target of the chosen rows, prompt included (as TRL,
-        following the ORPO authors' code), none of the rejected rows.  (2B, T) float32."""
-        width = self.inputs.shape[1]
-        out = (np.arange(width)[None, :] < (self.lengths[:, None] - 1)).astype(np.float32)
+    def nll_mask(self, prompt: bool) -> np.ndarray:
+        """NLL positions of the chosen rows, none of the rejected rows, (2B, T) float32: every
+        real target, prompt included (`prompt`: ORPO, as TRL and the ORPO authors' code), or the
+        answer's alone (DPO's `rpo_alpha` term, as TRL's `sft` loss type)."""
+        if prompt:
+            width = self.inputs.shape[1]
+            out = (np.arange(width)[None, :] < (self.lengths[:, None] - 1)).astype(np.float32)
+        else:
+            out = self.mask.astype(np.float32, copy=True)
         out[self.size :] = 0.0
         return out
 
@@ -289,7 +298,7 @@ def share_pairs(batch: PairBatch, rank: int, size: int) -> PairBatch:
     then adds nothing to the step but still takes part in its collectives."""
     if size == 1:
         return batch
-    pairs, nll_tokens = batch.denominators
+    world = batch.denominators
     start, stop = share_bounds(batch.size, rank, size)
     rows = np.r_[start:stop, batch.size + start : batch.size + stop]
     lengths = batch.lengths[rows]
@@ -302,8 +311,7 @@ def share_pairs(batch: PairBatch, rank: int, size: int) -> PairBatch:
         lengths,
         batch.pairs[start:stop],
         ref,
-        pairs,
-        nll_tokens,
+        world,
     )
 
 

@@ -80,7 +80,7 @@ class _Arrays:
         # one-hot (rows, 2B) weighted by the answer mask: per-row sums as a matmul
         onehot = (seq[:, None] == np.arange(self.n)[None, :]).astype(np.float32)
         self.gather = mx.array(onehot * batch.mask.reshape(-1)[rows, None])
-        self.nll = mx.array(batch.nll_mask().reshape(-1)[rows])
+        self.nll = mx.array(spec.nll_mask(batch).reshape(-1)[rows])
         self.counts = mx.array(batch.mask.sum(1).astype(np.float32))
 
     def logps(self, model, head) -> tuple:
@@ -120,8 +120,8 @@ def preference_step(backend, batches: list, lr, spec: PreferenceSpec, stop: bool
         logps, nll = a.logps(model, head)
         losses, terms = pair_terms(logps, ref, a.counts, spec, nn.log_sigmoid, log1mexp)
         total = losses.sum() / pairs
-        if spec.mode == "orpo":
-            total = total + nll / max(nll_tokens, 1.0)
+        if spec.nll_weight:
+            total = total + spec.nll_weight * nll / max(nll_tokens, 1.0)
         return total, terms, nll
 
     acc, refs = None, []

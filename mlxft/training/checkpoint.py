@@ -65,7 +65,7 @@ SCHEDULE = (
 )
 # Preference tuning (train_mode dpo/orpo) adds these; SFT fingerprints stay as they were.
 PREFERENCE_IDENTITY = ("train_mode", "max_prompt_length")
-PREFERENCE_SCHEDULE = ("beta", "label_smoothing")
+PREFERENCE_SCHEDULE = ("beta", "label_smoothing", "rpo_alpha")
 
 
 @dataclass

@@ -15,6 +15,8 @@ Per pair, with log π(y|x) summed over the answer's tokens (TRL's DPO; prompt to
         loss = -(1 - ε) log σ(β Δ) - ε log σ(-β Δ)           (ε = label_smoothing: conservative DPO,
                                                               TRL's sigmoid loss up to 0.2x)
         rewards/chosen = β ratio_c, rewards/rejected = β ratio_r; logps/* = log π(·)
+        + rpo_alpha · NLL, NLL = mean token cross-entropy of the chosen ANSWERS (RPO: TRL's
+        loss_type [sigmoid, sft] with loss_weights [1, rpo_alpha]); off by default
 
   ORPO  a = log π(y|x) / |y|  (the answer's MEAN token log-prob, as TRL's ORPO)
         log_odds = (a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r))
@@ -34,9 +36,9 @@ vote over the ranks in the step's one all-reduce, so every rank holds the world'
 precomputed reference log-probs are computed per rank on its shares and gathered.
 
 A group of batches (gradient accumulation) is one objective, normalised as TRL normalises one
-batch: the mean over the group's pairs, plus for ORPO the NLL pooled over the group's chosen
-tokens.  Each batch's terms are scaled by those group totals (known from the data before any
-forward), so the summed gradients are exactly the group's.
+batch: the mean over the group's pairs, plus the NLL (ORPO, DPO with rpo_alpha) pooled over the
+group's chosen tokens.  Each batch's terms are scaled by those group totals (known from the data
+before any forward), so the summed gradients are exactly the group's.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class PreferenceSpec:
     mode: str  # dpo | orpo
     beta: float
     label_smoothing: float = 0.0  # DPO only
+    rpo_alpha: float = 0.0  # DPO only: weight of the chosen answers' NLL (0: none)
     reference_only: bool = False  # DPO: only the reference log-probs per pair (precompute pass)
 
     @classmethod
@@ -101,23 +104,33 @@ class PreferenceSpec:
         """The run's spec, or None for train_mode sft."""
         if cfg.train_mode == "sft":
             return None
-        return cls(cfg.train_mode, cfg.beta, cfg.label_smoothing, **kw)
+        return cls(cfg.train_mode, cfg.beta, cfg.label_smoothing, cfg.rpo_alpha or 0.0, **kw)
 
     @property
     def needs_reference(self) -> bool:
         return self.mode == "dpo"
+
+    @property
+    def nll_weight(self) -> float:
+        """Weight of the chosen rows' NLL in the objective (0: the objective has none)."""
+        return 1.0 if self.mode == "orpo" else self.rpo_alpha
+
+    def nll_mask(self, batch) -> np.ndarray:
+        """The NLL's positions in `batch`: ORPO's count the prompt, RPO's the answer only."""
+        return batch.nll_mask(prompt=self.mode == "orpo")
 
 
 def open_group(batches: list, spec: PreferenceSpec) -> tuple:
     """(pairs, NLL tokens, sums) of a group: the denominators of its objective, over the whole
     world when the batches are a rank's shares (`PairBatch.denominators`), and the sums this
     rank starts from, counting its own pairs and NLL tokens (summed over the ranks later)."""
-    orpo = spec.mode == "orpo"
+    nll = spec.nll_weight != 0
+    which = 1 if spec.mode == "orpo" else 2
     pairs = sum(b.denominators[0] for b in batches)
-    nll_tokens = sum(b.denominators[1] for b in batches) if orpo else 0.0
+    nll_tokens = sum(b.denominators[which] for b in batches) if nll else 0.0
     sums = {
         "pairs": sum(b.size for b in batches),
-        "nll_tokens": sum(float(b.nll_mask().sum()) for b in batches) if orpo else 0.0,
+        "nll_tokens": sum(float(spec.nll_mask(b).sum()) for b in batches) if nll else 0.0,
         "tokens": 0,
         "nll_sum": 0.0,
     }
@@ -125,9 +138,9 @@ def open_group(batches: list, spec: PreferenceSpec) -> tuple:
 
 
 def loss_mask(batch, spec: PreferenceSpec) -> np.ndarray:
-    """Positions a loss term is computed on: both answers (DPO), plus the chosen prompts (ORPO's
-    NLL)."""
-    return np.maximum(batch.mask, batch.nll_mask()) if spec.mode == "orpo" else batch.mask
+    """Positions a loss term is computed on: both answers (DPO; RPO's NLL reads the chosen
+    ones), plus the chosen prompts (ORPO's NLL)."""
+    return np.maximum(batch.mask, spec.nll_mask(batch)) if spec.mode == "orpo" else batch.mask
 
 
 def trained_tokens(batch, spec: PreferenceSpec) -> int:
@@ -222,12 +235,12 @@ def add(total: dict, sums: dict) -> dict:
 
 def summarize(sums: dict, spec: PreferenceSpec) -> dict:
     """Sums -> {'loss', TRL metric: mean over pairs}.  The loss is the objective: mean per-pair
-    loss, plus the pooled NLL for ORPO."""
+    loss, plus the pooled NLL (ORPO; DPO weighted by rpo_alpha, reported as nll_loss too)."""
     pairs = max(sums.get("pairs", 0.0), 1.0)
     out = {"loss": sums["loss_sum"] / pairs}
-    if spec.mode == "orpo":
-        nll = sums["nll_sum"] / max(sums.get("nll_tokens", 0.0), 1.0)
-        out["loss"] += nll
+    if spec.nll_weight:
+        out["nll_loss"] = nll = sums["nll_sum"] / max(sums.get("nll_tokens", 0.0), 1.0)
+        out["loss"] += spec.nll_weight * nll
     means = {
         "rewards/chosen": "chosen_rewards",
         "rewards/rejected": "rejected_rewards",
@@ -239,7 +252,6 @@ def summarize(sums: dict, spec: PreferenceSpec) -> dict:
     for name, key in means.items():
         out[name] = sums[key] / pairs
     if spec.mode == "orpo":
-        out["nll_loss"] = nll
         out["log_odds_ratio"] = sums["log_odds_ratio"] / pairs
         out["log_odds_chosen"] = sums["log_odds_chosen"] / pairs
     return out
@@ -276,6 +288,8 @@ def header_line(cfg, spec: PreferenceSpec) -> str:
         if cfg.precompute_ref_log_probs:
             reference += ", log-probs precomputed"
     smoothing = f", label_smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else ""
+    if spec.rpo_alpha:
+        smoothing += f", + {spec.rpo_alpha:g} x NLL of the chosen answers (rpo_alpha)"
     return f"{cfg.train_mode.upper()}: beta {cfg.beta:g}{smoothing}{reference}"
 
 

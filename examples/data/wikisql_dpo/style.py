@@ -8,8 +8,8 @@ end of the line), and for each model the share of answers that
 - are SQL: start with "SELECT" and have "FROM";
 - select the column the chosen answer selects (the rejected answers often select another);
 - use an aggregate exactly when the chosen answer does (the rejected answers add or swap one);
-- quote the selected column in backticks as every chosen answer does (the style; WikiSQL's SQL,
-  and so the SFT model, never does).
+- quote the selected column in backticks as every chosen answer does, opening and closing
+  (the style; WikiSQL's SQL, and so the SFT model, never does).
 """
 
 from __future__ import annotations
@@ -24,15 +24,16 @@ REPO = HERE.parents[2]
 # what is scored (SELECT [aggregate] column FROM) lies in an answer's first ~30 tokens
 MAX_TOKENS = 40
 SELECT = re.compile(r"^\s*SELECT (?:(COUNT|MAX|MIN|SUM|AVG) )?(.+?) FROM ")
+QUOTED = re.compile(r"`[^`]+`")
 
 
 def score(answers: list, pairs: list) -> dict:
-    sql = column = aggregate = ended = 0
+    sql = column = aggregate = quoted = 0
     for text, pair in zip(answers, pairs):
         got, want = SELECT.match(text), SELECT.match(pair["chosen"])
         if got is None:
             continue
-        ended += got.group(2).startswith("`")
+        quoted += QUOTED.fullmatch(got.group(2)) is not None
         sql += 1
         column += got.group(2).strip("`") == want.group(2).strip("`")
         aggregate += got.group(1) == want.group(1)
@@ -41,7 +42,7 @@ def score(answers: list, pairs: list) -> dict:
         "sql": sql / n,
         "chosen_column": column / n,
         "chosen_aggregate": aggregate / n,
-        "quoted_column": ended / n,
+        "quoted_column": quoted / n,
     }
 
 

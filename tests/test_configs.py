@@ -57,5 +57,10 @@ def test_recipe_runs(recipe, tiny_llama, tmp_path, monkeypatch):
     if recipe.stem == "chat_messages":
         assert s.splits["train"].format == "chat"
     if recipe.stem == "dpo_wikisql":
-        assert cfg.train_mode == "dpo" and s.splits["train"].format == "preference"
-        assert "rewards/accuracies" in metrics[-1]
+        assert (
+            cfg.train_mode == "dpo" and cfg.rpo_alpha and s.splits["train"].format == "preference"
+        )
+        assert "rewards/accuracies" in metrics[-1] and "nll_loss" in metrics[-1]
+    if recipe.stem == "orpo_wikisql":
+        assert cfg.train_mode == "orpo" and s.splits["train"].format == "preference"
+        assert "log_odds_ratio" in metrics[-1] and "nll_loss" in metrics[-1]

@@ -495,14 +495,16 @@ def pairs(tmp_path_factory):
     return out
 
 
-# DPO with grad accumulation: MLX with the reference log-probs precomputed (computed per rank and
-# gathered), torch with the reference computed each step on each rank's shares (adapter off)
+# DPO + NLL (rpo_alpha: its token mean is over the world's chosen answers) with grad
+# accumulation: MLX with the reference log-probs precomputed (computed per rank and gathered),
+# torch with the reference computed each step on each rank's shares (adapter off)
 DPO = {
     "mlx": ("--train-mode", "dpo", "--grad-accumulation-steps", 2, "--precompute-ref-log-probs"),
     "torch": ("--train-mode", "dpo", "--grad-accumulation-steps", 2),
 }
+DPO = {k: (*v, "--rpo-alpha", 0.5) for k, v in DPO.items()}
 # what a preference row reports, compared between 1 and 2 processes
-PREFERENCE_KEYS = ("train_loss", "val_loss", *DPO_METRICS)
+PREFERENCE_KEYS = ("train_loss", "val_loss", "nll_loss", *DPO_METRICS)
 
 
 def preference_rows(out: Path) -> dict:
@@ -524,12 +526,13 @@ def test_two_processes_tune_preferences_like_one(backend, pairs, tmp_path):
     run_one(lora_args(pairs, one, backend, *DPO[backend]))
     stdout, stderr = finish(launch(backend, lora_args(pairs, two, backend, *DPO[backend])))
     assert error_lines(stderr) == [], stderr[-3000:]
-    assert HEADERS[backend] in stdout and "DPO: beta" in stdout
+    assert HEADERS[backend] in stdout and "DPO: beta" in stdout and "(rpo_alpha)" in stdout
     assert stdout.count("Saved adapter to") == 1
     ref, got = preference_rows(one), preference_rows(two)
     assert sorted(ref) == sorted(got), "the runs report different steps or metrics"
     assert sum(1 for _, _, key in got if key == "train_loss") == ITERS
     assert any(key == "val_loss" for _, _, key in got)
+    assert any(key == "nll_loss" for _, _, key in got)
     gaps = {}
     for key in ref:
         if key[2] == "trained_tokens":

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from mlxft.torch_backend.lora import LoRALinear
 from mlxft.training.preference import (
+    Positions,
     PreferenceSpec,
-    loss_rows,
+    objective,
     open_group,
     pack,
     pair_terms,
@@ -66,20 +67,15 @@ class _Tensors:
     """One batch on the device: inputs, targets, the rows read and what each row adds to."""
 
     def __init__(self, batch, spec: PreferenceSpec, device):
-        rows = loss_rows(batch, spec)
-        width = batch.inputs.shape[1]
+        at = Positions.of(batch, spec)
         self.inputs = torch.as_tensor(batch.inputs, dtype=torch.long, device=device)
         self.targets = torch.as_tensor(batch.targets, dtype=torch.long, device=device)
-        self.rows = torch.as_tensor(rows, dtype=torch.long, device=device)
-        self.seq = torch.as_tensor(rows // width, dtype=torch.long, device=device)
-        self.mask = torch.as_tensor(
-            batch.mask.reshape(-1)[rows], dtype=torch.float32, device=device
-        )
-        self.nll = torch.as_tensor(
-            spec.nll_mask(batch).reshape(-1)[rows], dtype=torch.float32, device=device
-        )
-        self.counts = torch.as_tensor(batch.mask.sum(1), dtype=torch.float32, device=device)
-        self.n = len(batch.lengths)
+        self.rows = torch.as_tensor(at.rows, dtype=torch.long, device=device)
+        self.seq = torch.as_tensor(at.row, dtype=torch.long, device=device)
+        self.mask = torch.as_tensor(at.answer, dtype=torch.float32, device=device)
+        self.nll = torch.as_tensor(at.nll, dtype=torch.float32, device=device)
+        self.counts = torch.as_tensor(at.counts, dtype=torch.float32, device=device)
+        self.n = len(at.counts)
 
     def logps(self, model, split) -> tuple:
         """(answer log-prob sums per row (2B,), NLL sum of the chosen rows)."""
@@ -133,11 +129,8 @@ def preference_step(backend, batches: list, lr, spec: PreferenceSpec, stop: bool
             logps, nll = t.logps(backend.model, backend._split)
             losses, terms = pair_terms(logps, ref, t.counts, spec, F.logsigmoid, log1mexp)
             terms = {k: v.detach() for k, v in terms.items()}
-            objective = losses.sum() / pairs
-            if spec.nll_weight:
-                objective = objective + spec.nll_weight * nll / max(nll_tokens, 1.0)
             if train:
-                objective.backward()
+                objective(losses.sum(), nll, pairs, nll_tokens, spec).backward()
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + value.item()
         sums["nll_sum"] += nll.item()

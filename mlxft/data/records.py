@@ -196,32 +196,26 @@ def validate(record: dict, fmt: str, where: str) -> None:
         _validate_sharegpt(record, where)
 
 
+def _check_turns(value, key: str, where: str, fields: tuple, shape: str, context: str = ""):
+    """`value` (the record's `key`) is a non-empty list of dicts with string `fields`."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: '{key}' must be {shape}{context}, got {_short(value)}")
+    for i, turn in enumerate(value):
+        if not (isinstance(turn, dict) and all(isinstance(turn.get(f), str) for f in fields)):
+            raise UserError(f"{where}: '{key}' must be {shape}; item {i} is {_short(turn)}")
+
+
 def check_messages(value, key: str, where: str, context: str = "") -> None:
     """`value` (the record's `key`) is a non-empty list of {"role": str, "content": str}."""
     shape = 'a list of {"role": ..., "content": ...} objects'
-    if not isinstance(value, list) or not value:
-        raise UserError(f"{where}: '{key}' must be {shape}{context}, got {_short(value)}")
-    for i, msg in enumerate(value):
-        if not (
-            isinstance(msg, dict)
-            and isinstance(msg.get("role"), str)
-            and isinstance(msg.get("content"), str)
-        ):
-            raise UserError(f"{where}: '{key}' must be {shape}; item {i} is {_short(msg)}")
+    _check_turns(value, key, where, ("role", "content"), shape, context)
 
 
 def _validate_sharegpt(record: dict, where: str) -> None:
     turns = record["conversations"]
     shape = 'a list of {"from": "human"|"gpt"|"system", "value": ...} objects'
-    if not isinstance(turns, list) or not turns:
-        raise UserError(f"{where}: 'conversations' must be {shape}, got {_short(turns)}")
+    _check_turns(turns, "conversations", where, ("from", "value"), shape)
     for i, turn in enumerate(turns):
-        if not (
-            isinstance(turn, dict)
-            and isinstance(turn.get("from"), str)
-            and isinstance(turn.get("value"), str)
-        ):
-            raise UserError(f"{where}: 'conversations' must be {shape}; item {i} is {_short(turn)}")
         if turn["from"] not in SHAREGPT_ROLES:
             raise UserError(
                 f"{where}: ShareGPT role '{turn['from']}' (conversations item {i}) is not known; "

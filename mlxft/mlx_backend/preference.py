@@ -22,8 +22,9 @@ from mlx.utils import tree_map
 from mlxft.mlx_backend.lora import LoRALinear
 from mlxft.mlx_backend.loss import HeadLoss, chunked_token_losses
 from mlxft.training.preference import (
+    Positions,
     PreferenceSpec,
-    loss_rows,
+    objective,
     open_group,
     pack,
     pair_terms,
@@ -72,16 +73,14 @@ class _Arrays:
     """One batch as MLX arrays: inputs, targets, the rows read and the row each one adds to."""
 
     def __init__(self, batch, spec: PreferenceSpec):
-        rows = loss_rows(batch, spec)
-        seq = rows // batch.inputs.shape[1]
-        self.n = len(batch.lengths)
+        at = Positions.of(batch, spec)
         self.inputs, self.targets = mx.array(batch.inputs), mx.array(batch.targets)
-        self.rows = mx.array(rows.astype(np.int32))
+        self.rows = mx.array(at.rows.astype(np.int32))
         # one-hot (rows, 2B) weighted by the answer mask: per-row sums as a matmul
-        onehot = (seq[:, None] == np.arange(self.n)[None, :]).astype(np.float32)
-        self.gather = mx.array(onehot * batch.mask.reshape(-1)[rows, None])
-        self.nll = mx.array(spec.nll_mask(batch).reshape(-1)[rows])
-        self.counts = mx.array(batch.mask.sum(1).astype(np.float32))
+        onehot = (at.row[:, None] == np.arange(len(at.counts))[None, :]).astype(np.float32)
+        self.gather = mx.array(onehot * at.answer[:, None])
+        self.nll = mx.array(at.nll)
+        self.counts = mx.array(at.counts)
 
     def logps(self, model, head) -> tuple:
         """(answer log-prob sums per row (2B,), NLL sum of the chosen rows)."""
@@ -116,13 +115,10 @@ def preference_step(backend, batches: list, lr, spec: PreferenceSpec, stop: bool
     pairs, nll_tokens, sums = open_group(batches, spec)
     head = _head(backend)
 
-    def objective(ref, a: _Arrays):
+    def loss(ref, a: _Arrays):
         logps, nll = a.logps(model, head)
         losses, terms = pair_terms(logps, ref, a.counts, spec, nn.log_sigmoid, log1mexp)
-        total = losses.sum() / pairs
-        if spec.nll_weight:
-            total = total + spec.nll_weight * nll / max(nll_tokens, 1.0)
-        return total, terms, nll
+        return objective(losses.sum(), nll, pairs, nll_tokens, spec), terms, nll
 
     acc, refs = None, []
     try:
@@ -142,12 +138,12 @@ def preference_step(backend, batches: list, lr, spec: PreferenceSpec, stop: bool
                         refs.append((batch.pairs, np.array(ref).reshape(2, -1).T))
                         continue
                 if train:
-                    step = nn.value_and_grad(model, lambda ref=ref, a=a: objective(ref, a))
+                    step = nn.value_and_grad(model, lambda ref=ref, a=a: loss(ref, a))
                     (_, terms, nll), grads = step()
                     acc = grads if acc is None else tree_map(mx.add, acc, grads)
                     mx.eval(acc, terms, nll)
                 else:
-                    _, terms, nll = objective(ref, a)
+                    _, terms, nll = loss(ref, a)
                     mx.eval(terms, nll)
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + value.item()

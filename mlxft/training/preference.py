@@ -147,12 +147,41 @@ def trained_tokens(batch, spec: PreferenceSpec) -> int:
     return int(loss_mask(batch, spec).sum())
 
 
-def loss_rows(batch, spec: PreferenceSpec) -> np.ndarray:
-    """Flat positions whose token log-prob the loss reads: the output head runs on these only
-    (all positions when nearly all are needed, or MLXFT_HEAD_ROWS=0)."""
-    need = loss_mask(batch, spec)
-    rows = head_rows(need)
-    return np.arange(need.size) if rows is None else rows.astype(np.int64)
+@dataclass(frozen=True)
+class Positions:
+    """Where a batch's loss reads token log-probs, as numpy (each backend moves it to its device):
+    the output head runs on `rows` only (flat positions; all of them when nearly all are needed,
+    or MLXFT_HEAD_ROWS=0); `row` is the batch row each one belongs to, `answer` and `nll` its
+    weight in the row's answer log-prob sum and in the NLL sum; `counts` the answer tokens per
+    row (ORPO's mean)."""
+
+    rows: np.ndarray  # (R,) int64
+    row: np.ndarray  # (R,) int64
+    answer: np.ndarray  # (R,) float32
+    nll: np.ndarray  # (R,) float32
+    counts: np.ndarray  # (2B,) float32
+
+    @classmethod
+    def of(cls, batch, spec: PreferenceSpec) -> Positions:
+        need = loss_mask(batch, spec)
+        rows = head_rows(need)
+        rows = np.arange(need.size) if rows is None else rows.astype(np.int64)
+        return cls(
+            rows,
+            rows // batch.inputs.shape[1],
+            batch.mask.reshape(-1)[rows].astype(np.float32),
+            spec.nll_mask(batch).reshape(-1)[rows],
+            batch.mask.sum(1).astype(np.float32),
+        )
+
+
+def objective(loss_sum, nll_sum, pairs: float, nll_tokens: float, spec: PreferenceSpec):
+    """The group's objective from its summed per-pair losses and NLL (arrays of either framework
+    or floats): the mean over its pairs, plus the NLL's weight times its token mean."""
+    total = loss_sum / max(pairs, 1.0)
+    if spec.nll_weight:
+        total = total + spec.nll_weight * nll_sum / max(nll_tokens, 1.0)
+    return total
 
 
 def pair_terms(logps, ref, counts, spec: PreferenceSpec, log_sigmoid, log1mexp) -> tuple:
@@ -237,10 +266,10 @@ def summarize(sums: dict, spec: PreferenceSpec) -> dict:
     """Sums -> {'loss', TRL metric: mean over pairs}.  The loss is the objective: mean per-pair
     loss, plus the pooled NLL (ORPO; DPO weighted by rpo_alpha, reported as nll_loss too)."""
     pairs = max(sums.get("pairs", 0.0), 1.0)
-    out = {"loss": sums["loss_sum"] / pairs}
+    nll_tokens = sums.get("nll_tokens", 0.0)
+    out = {"loss": objective(sums["loss_sum"], sums["nll_sum"], pairs, nll_tokens, spec)}
     if spec.nll_weight:
-        out["nll_loss"] = nll = sums["nll_sum"] / max(sums.get("nll_tokens", 0.0), 1.0)
-        out["loss"] += spec.nll_weight * nll
+        out["nll_loss"] = sums["nll_sum"] / max(nll_tokens, 1.0)
     means = {
         "rewards/chosen": "chosen_rewards",
         "rewards/rejected": "rejected_rewards",
